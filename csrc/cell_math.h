@@ -1,0 +1,140 @@
+// Per-element gate math of every cell, forward and backward, written once.
+//
+// These functions are called by the CPU time loops (csrc/cpu/*.cpp) and are marked so that
+// CUDA kernels can call the very same code. They work on one hidden unit j of one batch row;
+// the loops supply the pre-activations and saved values.
+//
+// Shape legend used across csrc/:
+//   T  time steps, B batch rows (packed: rows active at step t = batch_sizes[t], B = max)
+//   N  rows of the flattened sequence: T*B padded, sum(batch_sizes) packed
+//   I  input features, H hidden units, Hout = proj_size if an LSTM projection is used, else H
+//   G  gates per cell: RNN 1, GRU 3 (r, z, n), LSTM 4 (i, f, g, o), torch.nn's order
+//   gi [N, G*H]  x @ W_ih^T + b_ih       gh [B, G*H]  h_prev @ W_hh^T (+ b_hh)
+//
+// Derivatives are taken from saved activations: sigmoid' = y (1 - y), tanh' = 1 - y^2.
+#pragma once
+
+#include <cmath>
+
+#if defined(__CUDACC__)
+#define RNNEXT_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define RNNEXT_HOST_DEVICE inline
+#endif
+
+namespace rnnext {
+namespace math {
+
+RNNEXT_HOST_DEVICE float exp_(float x) { return expf(x); }
+RNNEXT_HOST_DEVICE double exp_(double x) { return exp(x); }
+RNNEXT_HOST_DEVICE float tanh_(float x) { return tanhf(x); }
+RNNEXT_HOST_DEVICE double tanh_(double x) { return tanh(x); }
+
+template <typename T>
+RNNEXT_HOST_DEVICE T sigmoid(T x) {
+  return T(1) / (T(1) + exp_(-x));
+}
+
+// ---------------------------------------------------------------- RNN
+// h = tanh(pre) or relu(pre), pre = gi + gh.
+template <typename T>
+RNNEXT_HOST_DEVICE T rnn_tanh_forward(T pre) {
+  return tanh_(pre);
+}
+// d pre = dh * (1 - h^2)
+template <typename T>
+RNNEXT_HOST_DEVICE T rnn_tanh_backward(T dh, T h) {
+  return dh * (T(1) - h * h);
+}
+// NaN passes through (NaN < 0 is false), as torch.relu does.
+template <typename T>
+RNNEXT_HOST_DEVICE T rnn_relu_forward(T pre) {
+  return pre < T(0) ? T(0) : pre;
+}
+// d pre = dh where h > 0, as torch's threshold_backward.
+template <typename T>
+RNNEXT_HOST_DEVICE T rnn_relu_backward(T dh, T h) {
+  return h > T(0) ? dh : T(0);
+}
+
+// ---------------------------------------------------------------- LSTM
+// i = s(pre_i), f = s(pre_f), g = tanh(pre_g), o = s(pre_o)
+// c = f * c_prev + i * g,  h = o * tanh(c)
+template <typename T>
+struct LstmActivations {
+  T i, f, g, o, c, h;
+};
+
+template <typename T>
+RNNEXT_HOST_DEVICE LstmActivations<T> lstm_forward(T pre_i, T pre_f, T pre_g, T pre_o, T c_prev) {
+  LstmActivations<T> a;
+  a.i = sigmoid(pre_i);
+  a.f = sigmoid(pre_f);
+  a.g = tanh_(pre_g);
+  a.o = sigmoid(pre_o);
+  a.c = a.f * c_prev + a.i * a.g;
+  a.h = a.o * tanh_(a.c);
+  return a;
+}
+
+// Gradients of the four pre-activations and of c_prev, from dh (gradient of h) and dc
+// (gradient reaching c from the next step and from c_n).
+template <typename T>
+struct LstmGrads {
+  T d_i, d_f, d_g, d_o, d_c_prev;
+};
+
+template <typename T>
+RNNEXT_HOST_DEVICE LstmGrads<T> lstm_backward(T dh, T dc, T i, T f, T g, T o, T c, T c_prev) {
+  const T tc = tanh_(c);
+  const T dc_total = dc + dh * o * (T(1) - tc * tc);
+  LstmGrads<T> d;
+  d.d_i = dc_total * g * i * (T(1) - i);
+  d.d_f = dc_total * c_prev * f * (T(1) - f);
+  d.d_g = dc_total * i * (T(1) - g * g);
+  d.d_o = dh * tc * o * (T(1) - o);
+  d.d_c_prev = dc_total * f;
+  return d;
+}
+
+// ---------------------------------------------------------------- GRU
+// r = s(gi_r + gh_r), z = s(gi_z + gh_z), n = tanh(gi_n + r * gh_n)
+// h = (1 - z) * n + z * h_prev; gh_n = W_hn h_prev + b_hn is saved because r multiplies it.
+template <typename T>
+struct GruActivations {
+  T r, z, n, h;
+};
+
+template <typename T>
+RNNEXT_HOST_DEVICE GruActivations<T> gru_forward(T gi_r, T gi_z, T gi_n, T gh_r, T gh_z, T gh_n,
+                                                 T h_prev) {
+  GruActivations<T> a;
+  a.r = sigmoid(gi_r + gh_r);
+  a.z = sigmoid(gi_z + gh_z);
+  a.n = tanh_(gi_n + a.r * gh_n);
+  a.h = (T(1) - a.z) * a.n + a.z * h_prev;
+  return a;
+}
+
+// Input side and hidden side see the same r and z gradients, but the hidden part of n is
+// scaled by r: d gh_n = r * d gi_n. dh_prev_direct is the z * dh path; the rest of dh_prev
+// comes from d gh @ W_hh in the loop.
+template <typename T>
+struct GruGrads {
+  T d_r, d_z, d_gi_n, d_gh_n, dh_prev_direct;
+};
+
+template <typename T>
+RNNEXT_HOST_DEVICE GruGrads<T> gru_backward(T dh, T r, T z, T n, T gh_n, T h_prev) {
+  GruGrads<T> d;
+  const T d_n_pre = dh * (T(1) - z) * (T(1) - n * n);
+  d.d_z = dh * (h_prev - n) * z * (T(1) - z);
+  d.d_r = d_n_pre * gh_n * r * (T(1) - r);
+  d.d_gi_n = d_n_pre;
+  d.d_gh_n = d_n_pre * r;
+  d.dh_prev_direct = dh * z;
+  return d;
+}
+
+}  // namespace math
+}  // namespace rnnext

@@ -1,0 +1,337 @@
+// The CPU time loop of one layer in one direction, written once for every cell type.
+//
+// A cell type plugs in through a small policy struct (see rnn.cpp, gru.cpp, lstm.cpp) that
+// says how many gates it has, whether it carries a cell state c, where b_hh goes, and gives
+// the fused pointwise pass over a block of batch rows, forward and backward. Everything else
+// — argument checks, the packed/padded step layout, the GEMMs, the workspace, the order of
+// the steps — lives here.
+//
+// Sequence layout: x is [T, B, I] (padded, every step has B rows) or [N, I] with
+// batch_sizes [T] (packed: step t owns the rows offset[t] .. offset[t] + batch_sizes[t], sorted
+// by decreasing length, exactly torch's PackedSequence.data). A padded sequence is the packed
+// one with batch_sizes = [B] * T, so one loop serves both. A state buffer [B, Hout] holds each
+// row's latest h; rows past their end are simply not touched, so their state stays final
+// (forward direction) or still the initial one (reverse direction).
+//
+// Workspace [N, ws_cols], everything backward needs, one row per sequence row:
+//   [ h_prev (Hout) | cell's own columns (Cell::cell_ws_cols) | r = o*tanh(c) (H, LSTM proj) ]
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <optional>
+#include <tuple>
+#include <vector>
+
+namespace rnnext {
+namespace cpu {
+
+using at::Tensor;
+using OptTensor = std::optional<Tensor>;
+
+// Pointers of one step, handed to the cell's pointwise pass (rows are this step's batch rows).
+template <typename T>
+struct ForwardStep {
+  int64_t H, Hout;
+  const T* gi; int64_t gi_ld;   // [rows, G*H] input projection (+ biases folded in)
+  const T* gh; int64_t gh_ld;   // [rows, G*H] h_prev @ W_hh^T (+ b_hh for GRU)
+  T* ws; int64_t ws_ld;         // [rows, ws_cols], h_prev already in columns [0, Hout)
+  T* c_state;                   // [rows, H] LSTM cell state, read as c_prev, written as c
+  T* h_out; int64_t h_out_ld;   // [rows, H] new h (LSTM with projection: r, before W_hr)
+};
+
+template <typename T>
+struct BackwardStep {
+  int64_t H, Hout;
+  const T* dh; int64_t dh_ld;   // [rows, H] gradient of the cell's h (or r with projection)
+  T* dc_state;                  // [rows, H] LSTM: in dc of c_t, out dc of c_prev
+  const T* ws; int64_t ws_ld;   // [rows, ws_cols]
+  const T* y; int64_t y_ld;     // [rows, Hout] this step's output h_t
+  T* d_gi; int64_t d_gi_ld;     // [rows, G*H] gradient of the input-side pre-activations
+  T* d_gh; int64_t d_gh_ld;     // [rows, G*H] hidden side, GRU only (differs in n)
+  T* dh_prev; int64_t dh_prev_ld;  // [rows, Hout] GRU writes its direct z * dh term here
+};
+
+// Rows per parallel task: enough elements per task that threading pays for itself.
+inline int64_t row_grain(int64_t elements_per_row) {
+  return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, elements_per_row));
+}
+
+// Step layout of a padded or packed sequence.
+struct Steps {
+  int64_t T = 0, B = 0, N = 0;
+  std::vector<int64_t> rows, offset;  // per time step
+};
+
+inline Steps make_steps(const Tensor& x, const OptTensor& batch_sizes, int64_t B) {
+  Steps s;
+  s.B = B;
+  if (batch_sizes.has_value()) {
+    const Tensor& bsz = *batch_sizes;
+    TORCH_CHECK(x.dim() == 2, "rnnext: packed input must be 2-D [N, input_size], got ", x.dim(), "-D");
+    TORCH_CHECK(bsz.dim() == 1 && bsz.scalar_type() == at::kLong && bsz.device().is_cpu(),
+                "rnnext: batch_sizes must be a 1-D int64 CPU tensor");
+    const Tensor bc = bsz.contiguous();
+    const int64_t* p = bc.data_ptr<int64_t>();
+    s.T = bc.numel();
+    TORCH_CHECK(s.T > 0, "rnnext: batch_sizes is empty");
+    int64_t total = 0;
+    for (int64_t t = 0; t < s.T; ++t) {
+      TORCH_CHECK(p[t] > 0 && p[t] <= B && (t == 0 || p[t] <= p[t - 1]),
+                  "rnnext: batch_sizes must be positive, non-increasing and at most the batch "
+                  "size of the initial state (", B, "); got ", p[t], " at step ", t);
+      s.offset.push_back(total);
+      s.rows.push_back(p[t]);
+      total += p[t];
+    }
+    TORCH_CHECK(p[0] == B, "rnnext: batch_sizes[0] (", p[0], ") must equal the batch size of the initial state (", B, ")");
+    TORCH_CHECK(total == x.size(0), "rnnext: batch_sizes sum to ", total, " but the packed input has ", x.size(0), " rows");
+    s.N = total;
+  } else {
+    TORCH_CHECK(x.dim() == 3, "rnnext: input must be 3-D [T, B, input_size], got ", x.dim(), "-D");
+    TORCH_CHECK(x.size(1) == B, "rnnext: input batch size ", x.size(1), " does not match the initial state's ", B);
+    s.T = x.size(0);
+    TORCH_CHECK(s.T > 0, "rnnext: the input sequence is empty (0 time steps)");
+    for (int64_t t = 0; t < s.T; ++t) {
+      s.offset.push_back(t * B);
+      s.rows.push_back(B);
+    }
+    s.N = s.T * B;
+  }
+  return s;
+}
+
+inline void check_same(const Tensor& ref, const Tensor& t, const char* name) {
+  TORCH_CHECK(t.device() == ref.device(), "rnnext: ", name, " is on ", t.device(), " but the input is on ", ref.device());
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), "rnnext: ", name, " has dtype ", t.scalar_type(),
+              " but the input has dtype ", ref.scalar_type());
+}
+
+inline void check_shape(const Tensor& t, at::IntArrayRef shape, const char* name) {
+  TORCH_CHECK(t.sizes() == shape, "rnnext: ", name, " must have shape ", shape, ", got ", t.sizes());
+}
+
+// Sizes of a layer, read from (and checked against) its weights.
+struct LayerSizes {
+  int64_t I, H, Hout, G;
+  bool proj;
+};
+
+template <class Cell>
+LayerSizes check_weights(const Tensor& x, const Tensor& w_ih, const Tensor& w_hh, const OptTensor& b_ih,
+                         const OptTensor& b_hh, const OptTensor& w_hr) {
+  TORCH_CHECK(x.device().is_cpu(), "rnnext: this op's CPU kernel got an input on ", x.device());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+              "rnnext: input must be float32 or float64, got ", x.scalar_type());
+  TORCH_CHECK(w_ih.dim() == 2 && w_hh.dim() == 2, "rnnext: w_ih and w_hh must be 2-D");
+  check_same(x, w_ih, "w_ih");
+  check_same(x, w_hh, "w_hh");
+  LayerSizes s;
+  s.G = Cell::kGates;
+  TORCH_CHECK(w_ih.size(0) > 0 && w_ih.size(0) % s.G == 0, "rnnext: w_ih must have ", s.G,
+              " * hidden_size rows, got ", w_ih.size(0));
+  s.H = w_ih.size(0) / s.G;
+  s.I = w_ih.size(1);
+  TORCH_CHECK(x.size(-1) == s.I, "rnnext: input has ", x.size(-1), " features but w_ih expects ", s.I);
+  s.proj = w_hr.has_value();
+  if (s.proj) {
+    check_same(x, *w_hr, "w_hr");
+    TORCH_CHECK(w_hr->dim() == 2 && w_hr->size(1) == s.H && w_hr->size(0) > 0,
+                "rnnext: w_hr must have shape [proj_size, ", s.H, "], got ", w_hr->sizes());
+    s.Hout = w_hr->size(0);
+  } else {
+    s.Hout = s.H;
+  }
+  check_shape(w_hh, {s.G * s.H, s.Hout}, "w_hh");
+  TORCH_CHECK(b_ih.has_value() == b_hh.has_value(), "rnnext: give both biases or neither");
+  if (b_ih.has_value()) {
+    check_same(x, *b_ih, "b_ih");
+    check_same(x, *b_hh, "b_hh");
+    check_shape(*b_ih, {s.G * s.H}, "b_ih");
+    check_shape(*b_hh, {s.G * s.H}, "b_hh");
+  }
+  return s;
+}
+
+inline int64_t ws_cols_of(int64_t cell_cols, const LayerSizes& s) {
+  return s.Hout + cell_cols + (s.proj ? s.H : 0);
+}
+
+// Forward over the whole sequence. Returns y ([T, B, Hout] or [N, Hout]), h_n [B, Hout],
+// c_n [B, H] (undefined for cells without c) and the workspace [N, ws_cols].
+template <class Cell>
+std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(const Tensor& x_in, const Tensor& h0, const OptTensor& c0,
+                                                         const Tensor& w_ih, const Tensor& w_hh, const OptTensor& b_ih,
+                                                         const OptTensor& b_hh, const OptTensor& w_hr,
+                                                         const OptTensor& batch_sizes, bool reverse) {
+  const LayerSizes sz = check_weights<Cell>(x_in, w_ih, w_hh, b_ih, b_hh, w_hr);
+  check_same(x_in, h0, "h0");
+  TORCH_CHECK(h0.dim() == 2, "rnnext: h0 must be 2-D [batch, ", sz.Hout, "], got ", h0.sizes());
+  const int64_t B = h0.size(0);
+  check_shape(h0, {B, sz.Hout}, "h0");
+  if (Cell::kHasCellState) {
+    TORCH_CHECK(c0.has_value(), "rnnext: c0 is required");
+    check_same(x_in, *c0, "c0");
+    check_shape(*c0, {B, sz.H}, "c0");
+  }
+  const Steps st = make_steps(x_in, batch_sizes, B);
+  const int64_t H = sz.H, Hout = sz.Hout, GH = sz.G * sz.H;
+  const int64_t ws_cols = ws_cols_of(Cell::cell_ws_cols(H), sz);
+  const int64_t r_col = ws_cols - H;  // projection input columns (LSTM proj only)
+
+  const Tensor x = x_in.contiguous().view({st.N, sz.I});
+  // gi = x @ W_ih^T + b_ih (+ b_hh when the cell adds it outside the recurrence), all steps.
+  Tensor gi;
+  if (b_ih.has_value()) {
+    const Tensor bias = Cell::kRecurrentBias ? *b_ih : (*b_ih + *b_hh);
+    gi = at::addmm(bias, x, w_ih.t());
+  } else {
+    gi = at::mm(x, w_ih.t());
+  }
+  Tensor y = x.new_empty({st.N, Hout});
+  Tensor ws = x.new_empty({st.N, ws_cols});
+  Tensor h_state = h0.contiguous().clone();
+  Tensor c_state = Cell::kHasCellState ? c0->contiguous().clone() : Tensor();
+  Tensor gh = x.new_empty({B, GH});
+  const Tensor w_hh_t = w_hh.t();
+
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rnnext_layer_forward", [&] {
+    for (int64_t s = 0; s < st.T; ++s) {
+      const int64_t t = reverse ? st.T - 1 - s : s;
+      const int64_t rows = st.rows[t], off = st.offset[t];
+      Tensor h_prev = h_state.narrow(0, 0, rows);
+      Tensor ws_t = ws.narrow(0, off, rows);
+      ws_t.narrow(1, 0, Hout).copy_(h_prev);
+      Tensor gh_t = gh.narrow(0, 0, rows);
+      if (Cell::kRecurrentBias && b_hh.has_value()) {
+        at::addmm_out(gh_t, *b_hh, h_prev, w_hh_t);
+      } else {
+        at::mm_out(gh_t, h_prev, w_hh_t);
+      }
+      Tensor y_t = y.narrow(0, off, rows);
+      ForwardStep<scalar_t> step;
+      step.H = H;
+      step.Hout = Hout;
+      step.gi = gi.data_ptr<scalar_t>() + off * GH;
+      step.gi_ld = GH;
+      step.gh = gh.data_ptr<scalar_t>();
+      step.gh_ld = GH;
+      step.ws = ws_t.data_ptr<scalar_t>();
+      step.ws_ld = ws_cols;
+      step.c_state = Cell::kHasCellState ? c_state.data_ptr<scalar_t>() : nullptr;
+      step.h_out = sz.proj ? step.ws + r_col : y_t.data_ptr<scalar_t>();
+      step.h_out_ld = sz.proj ? ws_cols : Hout;
+      at::parallel_for(0, rows, row_grain(GH), [&](int64_t b0, int64_t b1) {
+        Cell::template forward_rows<scalar_t>(step, b0, b1);
+      });
+      if (sz.proj) {
+        // h = r @ W_hr^T: [rows, H] x [H, Hout]
+        at::mm_out(y_t, ws_t.narrow(1, r_col, H), w_hr->t());
+      }
+      h_prev.copy_(y_t);
+    }
+  });
+
+  if (!batch_sizes.has_value()) y = y.view({st.T, B, Hout});
+  return {y, h_state, c_state, ws};
+}
+
+// Backpropagation through time. Returns, in order: grad of x, h0, c0 (undefined without c),
+// w_ih, w_hh, b_ih, b_hh (empty [0] without bias), w_hr (empty [0] without projection).
+template <class Cell>
+std::vector<Tensor> layer_backward(const Tensor& grad_y_in, const Tensor& grad_h_n, const OptTensor& grad_c_n,
+                                   const Tensor& x_in, const Tensor& w_ih, const Tensor& w_hh,
+                                   const OptTensor& w_hr, const OptTensor& batch_sizes, bool reverse,
+                                   bool has_bias, const Tensor& y_in, const Tensor& ws_in) {
+  const LayerSizes sz = check_weights<Cell>(x_in, w_ih, w_hh, std::nullopt, std::nullopt, w_hr);
+  const int64_t H = sz.H, Hout = sz.Hout, GH = sz.G * sz.H;
+  check_same(x_in, grad_h_n, "grad_h_n");
+  TORCH_CHECK(grad_h_n.dim() == 2, "rnnext: grad_h_n must be 2-D");
+  const int64_t B = grad_h_n.size(0);
+  check_shape(grad_h_n, {B, Hout}, "grad_h_n");
+  if (Cell::kHasCellState) {
+    TORCH_CHECK(grad_c_n.has_value(), "rnnext: grad_c_n is required");
+    check_same(x_in, *grad_c_n, "grad_c_n");
+    check_shape(*grad_c_n, {B, H}, "grad_c_n");
+  }
+  const Steps st = make_steps(x_in, batch_sizes, B);
+  const int64_t ws_cols = ws_cols_of(Cell::cell_ws_cols(H), sz);
+  const int64_t r_col = ws_cols - H;
+  check_same(x_in, grad_y_in, "grad_y");
+  check_same(x_in, y_in, "y");
+  check_same(x_in, ws_in, "workspace");
+  TORCH_CHECK(grad_y_in.numel() == st.N * Hout && y_in.numel() == st.N * Hout,
+              "rnnext: grad_y and y must have ", st.N * Hout, " elements");
+  check_shape(ws_in, {st.N, ws_cols}, "workspace");
+
+  const Tensor x = x_in.contiguous().view({st.N, sz.I});
+  const Tensor grad_y = grad_y_in.contiguous().view({st.N, Hout});
+  const Tensor y = y_in.contiguous().view({st.N, Hout});
+  const Tensor ws = ws_in.contiguous();
+
+  Tensor dh_state = grad_h_n.contiguous().clone();
+  Tensor dc_state = Cell::kHasCellState ? grad_c_n->contiguous().clone() : Tensor();
+  Tensor d_gi = x.new_empty({st.N, GH});
+  Tensor d_gh = Cell::kSeparateHiddenGrad ? x.new_empty({st.N, GH}) : d_gi;
+  // Gradient of each step's h (output + state); with a projection it is kept for dW_hr.
+  Tensor dh_all = sz.proj ? x.new_empty({st.N, Hout}) : Tensor();
+  Tensor dh_buf = sz.proj ? Tensor() : x.new_empty({B, Hout});
+  Tensor dr_buf = sz.proj ? x.new_empty({B, H}) : Tensor();
+
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rnnext_layer_backward", [&] {
+    for (int64_t s = 0; s < st.T; ++s) {
+      const int64_t t = reverse ? s : st.T - 1 - s;  // forward's order, reversed
+      const int64_t rows = st.rows[t], off = st.offset[t];
+      Tensor dh_state_t = dh_state.narrow(0, 0, rows);
+      Tensor dh_t = sz.proj ? dh_all.narrow(0, off, rows) : dh_buf.narrow(0, 0, rows);
+      at::add_out(dh_t, dh_state_t, grad_y.narrow(0, off, rows));
+      Tensor dcell_t = dh_t;  // gradient of what the cell's pointwise pass produced
+      if (sz.proj) {
+        dcell_t = dr_buf.narrow(0, 0, rows);
+        at::mm_out(dcell_t, dh_t, *w_hr);  // dr = dh @ W_hr: [rows, Hout] x [Hout, H]
+      }
+      BackwardStep<scalar_t> step;
+      step.H = H;
+      step.Hout = Hout;
+      step.dh = dcell_t.data_ptr<scalar_t>();
+      step.dh_ld = dcell_t.stride(0);
+      step.dc_state = Cell::kHasCellState ? dc_state.data_ptr<scalar_t>() : nullptr;
+      step.ws = ws.data_ptr<scalar_t>() + off * ws_cols;
+      step.ws_ld = ws_cols;
+      step.y = y.data_ptr<scalar_t>() + off * Hout;
+      step.y_ld = Hout;
+      step.d_gi = d_gi.data_ptr<scalar_t>() + off * GH;
+      step.d_gi_ld = GH;
+      step.d_gh = d_gh.data_ptr<scalar_t>() + off * GH;
+      step.d_gh_ld = GH;
+      step.dh_prev = dh_state.data_ptr<scalar_t>();
+      step.dh_prev_ld = Hout;
+      at::parallel_for(0, rows, row_grain(GH), [&](int64_t b0, int64_t b1) {
+        Cell::template backward_rows<scalar_t>(step, b0, b1);
+      });
+      // dh_prev (+)= d_gh @ W_hh: [rows, G*H] x [G*H, Hout]
+      const Tensor d_gh_t = d_gh.narrow(0, off, rows);
+      if (Cell::kDirectHiddenGrad) {
+        dh_state_t.addmm_(d_gh_t, w_hh);
+      } else {
+        at::mm_out(dh_state_t, d_gh_t, w_hh);
+      }
+    }
+  });
+
+  // Weight gradients: one GEMM each over all steps, no per-step accumulation.
+  Tensor grad_x = at::mm(d_gi, w_ih).view(x_in.sizes());
+  Tensor grad_w_ih = at::mm(d_gi.t(), x);
+  Tensor grad_w_hh = at::mm(d_gh.t(), ws.narrow(1, 0, Hout));
+  Tensor grad_b_ih = x.new_empty({0}), grad_b_hh = x.new_empty({0}), grad_w_hr = x.new_empty({0});
+  if (has_bias) {
+    grad_b_ih = d_gi.sum(0);
+    grad_b_hh = Cell::kSeparateHiddenGrad ? d_gh.sum(0) : grad_b_ih.clone();
+  }
+  if (sz.proj) grad_w_hr = at::mm(dh_all.t(), ws.narrow(1, r_col, H));
+  return {grad_x, dh_state, dc_state, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh, grad_w_hr};
+}
+
+}  // namespace cpu
+}  // namespace rnnext

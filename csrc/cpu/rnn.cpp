@@ -1,0 +1,77 @@
+// Elman RNN (tanh and ReLU) on the CPU: the cell policy for layer_loop.h and the op
+// registrations. The workspace holds only h_prev: the derivative comes from h_t = y.
+// b_hh is folded into the input projection.
+#include <torch/library.h>
+
+#include "../cell_math.h"
+#include "layer_loop.h"
+
+namespace rnnext {
+namespace cpu {
+namespace {
+
+template <bool kRelu>
+struct RnnCell {
+  static constexpr int64_t kGates = 1;
+  static constexpr bool kHasCellState = false;
+  static constexpr bool kRecurrentBias = false;
+  static constexpr bool kSeparateHiddenGrad = false;
+  static constexpr bool kDirectHiddenGrad = false;
+  static int64_t cell_ws_cols(int64_t) { return 0; }
+
+  template <typename T>
+  static void forward_rows(const ForwardStep<T>& s, int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const T* gi = s.gi + b * s.gi_ld;
+      const T* gh = s.gh + b * s.gh_ld;
+      T* h = s.h_out + b * s.h_out_ld;
+      for (int64_t j = 0; j < s.H; ++j) {
+        h[j] = kRelu ? math::rnn_relu_forward<T>(gi[j] + gh[j]) : math::rnn_tanh_forward<T>(gi[j] + gh[j]);
+      }
+    }
+  }
+
+  template <typename T>
+  static void backward_rows(const BackwardStep<T>& s, int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const T* dh = s.dh + b * s.dh_ld;
+      const T* h = s.y + b * s.y_ld;
+      T* d_pre = s.d_gi + b * s.d_gi_ld;
+      for (int64_t j = 0; j < s.H; ++j) {
+        d_pre[j] = kRelu ? math::rnn_relu_backward<T>(dh[j], h[j]) : math::rnn_tanh_backward<T>(dh[j], h[j]);
+      }
+    }
+  }
+};
+
+template <bool kRelu>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> rnn_layer_forward(const at::Tensor& x, const at::Tensor& h0,
+                                                                 const at::Tensor& w_ih, const at::Tensor& w_hh,
+                                                                 const OptTensor& b_ih, const OptTensor& b_hh,
+                                                                 const OptTensor& batch_sizes, bool reverse) {
+  auto [y, h_n, c_n, ws] = layer_forward<RnnCell<kRelu>>(x, h0, std::nullopt, w_ih, w_hh, b_ih, b_hh, std::nullopt,
+                                                         batch_sizes, reverse);
+  return {y, h_n, ws};
+}
+
+template <bool kRelu>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_layer_backward(
+    const at::Tensor& grad_y, const at::Tensor& grad_h_n, const at::Tensor& x, const at::Tensor& w_ih,
+    const at::Tensor& w_hh, const OptTensor& batch_sizes, bool reverse, bool has_bias, const at::Tensor& y,
+    const at::Tensor& workspace) {
+  auto g = layer_backward<RnnCell<kRelu>>(grad_y, grad_h_n, std::nullopt, x, w_ih, w_hh, std::nullopt, batch_sizes,
+                                          reverse, has_bias, y, workspace);
+  return {g[0], g[1], g[3], g[4], g[5], g[6]};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(rnnext, CPU, m) {
+  m.impl("rnn_tanh_layer_forward", &rnn_layer_forward<false>);
+  m.impl("rnn_tanh_layer_backward", &rnn_layer_backward<false>);
+  m.impl("rnn_relu_layer_forward", &rnn_layer_forward<true>);
+  m.impl("rnn_relu_layer_backward", &rnn_layer_backward<true>);
+}
+
+}  // namespace cpu
+}  // namespace rnnext

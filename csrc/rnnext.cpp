@@ -1,0 +1,47 @@
+// Every rnnext op schema. Kernels: csrc/cpu/<cell>.cpp (and csrc/cuda/<cell>.cu when built);
+// fake kernels and autograd: rnnext/_ops.py.
+//
+// A layer op runs one layer in one direction over a whole sequence. x is [T, B, I] (padded)
+// or, with batch_sizes [T] (int64, CPU), the [N, I] data of a PackedSequence. `reverse` runs
+// the steps from last to first (the backward direction of a bidirectional layer). The last
+// output, `workspace` [N, ws_cols], holds what the backward op needs; it is not differentiable.
+// A backward op returns the gradients of the forward's tensor inputs; a missing bias or
+// projection gets an empty [0] tensor.
+#include <Python.h>
+#include <torch/library.h>
+
+// rnnext._C is imported only to run the registrations below.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+
+TORCH_LIBRARY(rnnext, m) {
+  // h_t = tanh(x_t W_ih^T + b_ih + h_{t-1} W_hh^T + b_hh)  -> (y, h_n, workspace)
+  m.def("rnn_tanh_layer_forward(Tensor x, Tensor h0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, "
+        "Tensor? batch_sizes, bool reverse) -> (Tensor, Tensor, Tensor)");
+  // -> (grad_x, grad_h0, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh)
+  m.def("rnn_tanh_layer_backward(Tensor grad_y, Tensor grad_h_n, Tensor x, Tensor w_ih, Tensor w_hh, "
+        "Tensor? batch_sizes, bool reverse, bool has_bias, Tensor y, Tensor workspace) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // As rnn_tanh, with relu in place of tanh.
+  m.def("rnn_relu_layer_forward(Tensor x, Tensor h0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, "
+        "Tensor? batch_sizes, bool reverse) -> (Tensor, Tensor, Tensor)");
+  m.def("rnn_relu_layer_backward(Tensor grad_y, Tensor grad_h_n, Tensor x, Tensor w_ih, Tensor w_hh, "
+        "Tensor? batch_sizes, bool reverse, bool has_bias, Tensor y, Tensor workspace) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // GRU, gates r, z, n as torch.nn  -> (y, h_n, workspace)
+  m.def("gru_layer_forward(Tensor x, Tensor h0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, "
+        "Tensor? batch_sizes, bool reverse) -> (Tensor, Tensor, Tensor)");
+  // -> (grad_x, grad_h0, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh)
+  m.def("gru_layer_backward(Tensor grad_y, Tensor grad_h_n, Tensor x, Tensor w_ih, Tensor w_hh, "
+        "Tensor? batch_sizes, bool reverse, bool has_bias, Tensor y, Tensor workspace) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // LSTM, gates i, f, g, o as torch.nn; w_hr [proj_size, H] projects h  -> (y, h_n, c_n, workspace)
+  m.def("lstm_layer_forward(Tensor x, Tensor h0, Tensor c0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, "
+        "Tensor? b_hh, Tensor? w_hr, Tensor? batch_sizes, bool reverse) -> (Tensor, Tensor, Tensor, Tensor)");
+  // -> (grad_x, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh, grad_w_hr)
+  m.def("lstm_layer_backward(Tensor grad_y, Tensor grad_h_n, Tensor grad_c_n, Tensor x, Tensor w_ih, "
+        "Tensor w_hh, Tensor? w_hr, Tensor? batch_sizes, bool reverse, bool has_bias, Tensor y, "
+        "Tensor workspace) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+}

@@ -1,0 +1,13 @@
+"""rnnext: hand-written RNN, LSTM and GRU kernels for PyTorch, drop-in for torch.nn.
+
+    import rnnext
+    lstm = rnnext.LSTM(32, 64, num_layers=2, batch_first=True)
+    out, (h_n, c_n) = lstm(x)
+"""
+from . import _ops  # noqa: F401  (loads rnnext._C and registers fake kernels and autograd)
+from .functional import rnn_stack
+from .modules import GRU, LSTM, RNN, RNNBase
+from .utils import copy_parameters, from_torch
+
+__version__ = "0.1.0"
+__all__ = ["RNN", "LSTM", "GRU", "RNNBase", "copy_parameters", "from_torch", "rnn_stack"]

@@ -1,0 +1,182 @@
+"""Typed wrappers over ``torch.ops.rnnext.*``, with their fake kernels and autograd.
+
+One op runs one layer in one direction over a whole sequence (schemas: csrc/rnnext.cpp).
+``layer_forward`` is the single entry point the rest of the package uses.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+from . import _C  # noqa: F401  (loads the library: registers the ops and their CPU kernels)
+from . import _reference
+
+CELLS = ("rnn_tanh", "rnn_relu", "gru", "lstm")
+GATES = {"rnn_tanh": 1, "rnn_relu": 1, "gru": 3, "lstm": 4}
+# Workspace columns after h_prev, in units of hidden_size; mirrors Cell::cell_ws_cols in
+# csrc/cpu/<cell>.cpp (opcheck compares the fake kernels below with the real ones).
+_CELL_WS_COLS = {"rnn_tanh": 0, "rnn_relu": 0, "gru": 4, "lstm": 6}
+
+
+def workspace_cols(cell: str, hidden_size: int, hidden_out: int, proj: bool) -> int:
+    return hidden_out + _CELL_WS_COLS[cell] * hidden_size + (hidden_size if proj else 0)
+
+
+class LayerWeights(NamedTuple):
+    """The parameters of one layer in one direction (torch.nn's names in brackets)."""
+
+    w_ih: Tensor  # [G*H, I]      (weight_ih_l{k})
+    w_hh: Tensor  # [G*H, Hout]   (weight_hh_l{k})
+    b_ih: Optional[Tensor]  # [G*H]  (bias_ih_l{k})
+    b_hh: Optional[Tensor]  # [G*H]  (bias_hh_l{k})
+    w_hr: Optional[Tensor]  # [Hout, H] (weight_hr_l{k}, LSTM with proj_size)
+
+
+def _forward_op(cell):
+    return getattr(torch.ops.rnnext, f"{cell}_layer_forward").default
+
+
+def _backward_op(cell):
+    return getattr(torch.ops.rnnext, f"{cell}_layer_backward").default
+
+
+def layer_forward(cell: str, x: Tensor, h0: Tensor, c0: Optional[Tensor], w: LayerWeights,
+                  batch_sizes: Optional[Tensor], reverse: bool):
+    """One layer, one direction. x: [T, B, I] or packed [N, I] with batch_sizes [T].
+
+    Returns (y, h_n, c_n): y [T, B, Hout] (or [N, Hout]), h_n [B, Hout], c_n [B, H] (LSTM) or None.
+    """
+    if cell == "lstm":
+        y, h_n, c_n, _ = _forward_op(cell)(x, h0, c0, w.w_ih, w.w_hh, w.b_ih, w.b_hh, w.w_hr,
+                                           batch_sizes, reverse)
+        return y, h_n, c_n
+    y, h_n, _ = _forward_op(cell)(x, h0, w.w_ih, w.w_hh, w.b_ih, w.b_hh, batch_sizes, reverse)
+    return y, h_n, None
+
+
+# ---------------------------------------------------------------- fake (meta) kernels
+def _fake_forward(cell, x, h0, c0, w_ih, w_hh, w_hr):
+    hidden = w_ih.shape[0] // GATES[cell]
+    hidden_out = w_hh.shape[1]
+    rows = math.prod(x.shape[:-1])
+    y = x.new_empty((*x.shape[:-1], hidden_out))
+    h_n = h0.new_empty(h0.shape)
+    ws = x.new_empty((rows, workspace_cols(cell, hidden, hidden_out, w_hr is not None)))
+    if cell == "lstm":
+        return y, h_n, c0.new_empty(c0.shape), ws
+    return y, h_n, ws
+
+
+def _fake_backward(cell, grad_h_n, grad_c_n, x, w_ih, w_hh, w_hr, has_bias):
+    gate_rows = w_ih.shape[0]
+    bias = (lambda: x.new_empty((gate_rows,))) if has_bias else (lambda: x.new_empty((0,)))
+    grads = [x.new_empty(x.shape), grad_h_n.new_empty(grad_h_n.shape)]
+    if cell == "lstm":
+        grads.append(grad_c_n.new_empty(grad_c_n.shape))
+    grads += [w_ih.new_empty(w_ih.shape), w_hh.new_empty(w_hh.shape), bias(), bias()]
+    if cell == "lstm":
+        grads.append(w_hr.new_empty(w_hr.shape) if w_hr is not None else x.new_empty((0,)))
+    return tuple(grads)
+
+
+def _register_fakes(cell):
+    if cell == "lstm":
+        @torch.library.register_fake("rnnext::lstm_layer_forward")
+        def _(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse):
+            return _fake_forward(cell, x, h0, c0, w_ih, w_hh, w_hr)
+
+        @torch.library.register_fake("rnnext::lstm_layer_backward")
+        def _(grad_y, grad_h_n, grad_c_n, x, w_ih, w_hh, w_hr, batch_sizes, reverse, has_bias, y, ws):
+            return _fake_backward(cell, grad_h_n, grad_c_n, x, w_ih, w_hh, w_hr, has_bias)
+    else:
+        @torch.library.register_fake(f"rnnext::{cell}_layer_forward")
+        def _(x, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse):
+            return _fake_forward(cell, x, h0, None, w_ih, w_hh, None)
+
+        @torch.library.register_fake(f"rnnext::{cell}_layer_backward")
+        def _(grad_y, grad_h_n, x, w_ih, w_hh, batch_sizes, reverse, has_bias, y, ws):
+            return _fake_backward(cell, grad_h_n, None, x, w_ih, w_hh, None, has_bias)
+
+
+# ---------------------------------------------------------------- autograd
+# Forward inputs of each op, in schema order.
+_INPUTS = {
+    "lstm": ("x", "h0", "c0", "w_ih", "w_hh", "b_ih", "b_hh", "w_hr", "batch_sizes", "reverse"),
+}
+for _cell in ("rnn_tanh", "rnn_relu", "gru"):
+    _INPUTS[_cell] = ("x", "h0", "w_ih", "w_hh", "b_ih", "b_hh", "batch_sizes", "reverse")
+_SAVED = ("x", "h0", "c0", "w_ih", "w_hh", "b_ih", "b_hh", "w_hr", "batch_sizes", "y", "ws")
+
+
+def _register_autograd(cell):
+    names = _INPUTS[cell]
+    is_lstm = cell == "lstm"
+
+    def setup_context(ctx, inputs, output):
+        args = dict(zip(names, inputs))
+        args["y"], args["ws"] = output[0], output[-1]
+        ctx.reverse = args["reverse"]
+        ctx.save_for_backward(*(args.get(k) for k in _SAVED))
+        ctx.mark_non_differentiable(output[-1])
+
+    def backward(ctx, *grads):
+        s = dict(zip(_SAVED, ctx.saved_tensors))
+        grad_y, grad_h_n = grads[0], grads[1]
+        grad_c_n = grads[2] if is_lstm else None
+        grad_y = torch.zeros_like(s["y"]) if grad_y is None else grad_y
+        grad_h_n = torch.zeros_like(s["h0"]) if grad_h_n is None else grad_h_n
+        if is_lstm and grad_c_n is None:
+            grad_c_n = torch.zeros_like(s["c0"])
+        w = LayerWeights(s["w_ih"], s["w_hh"], s["b_ih"], s["b_hh"], s["w_hr"])
+        has_bias = w.b_ih is not None
+
+        if torch.is_grad_enabled():
+            # A graph of the gradient was asked for (create_graph=True): take the
+            # differentiable path, a torch-op recomputation of this layer.
+            out = _reference_grads(cell, s, w, ctx.reverse, grad_y, grad_h_n, grad_c_n)
+        elif is_lstm:
+            out = _backward_op(cell)(grad_y, grad_h_n, grad_c_n, s["x"], w.w_ih, w.w_hh, w.w_hr,
+                                     s["batch_sizes"], ctx.reverse, has_bias, s["y"], s["ws"])
+            gx, gh0, gc0, gw_ih, gw_hh, gb_ih, gb_hh, gw_hr = out
+            out = dict(x=gx, h0=gh0, c0=gc0, w_ih=gw_ih, w_hh=gw_hh, b_ih=gb_ih, b_hh=gb_hh, w_hr=gw_hr)
+        else:
+            out = _backward_op(cell)(grad_y, grad_h_n, s["x"], w.w_ih, w.w_hh, s["batch_sizes"],
+                                     ctx.reverse, has_bias, s["y"], s["ws"])
+            gx, gh0, gw_ih, gw_hh, gb_ih, gb_hh = out
+            out = dict(x=gx, h0=gh0, w_ih=gw_ih, w_hh=gw_hh, b_ih=gb_ih, b_hh=gb_hh)
+        if not has_bias:
+            out["b_ih"] = out["b_hh"] = None
+        if w.w_hr is None:
+            out["w_hr"] = None
+        return tuple(out.get(k) for k in names)
+
+    torch.library.register_autograd(f"rnnext::{cell}_layer_forward", backward,
+                                    setup_context=setup_context)
+
+
+def _reference_grads(cell, s, w, reverse, grad_y, grad_h_n, grad_c_n):
+    """Gradients through a differentiable torch-op recomputation of one layer (double backward)."""
+    keys = [k for k in ("x", "h0", "c0", "w_ih", "w_hh", "b_ih", "b_hh", "w_hr") if s[k] is not None]
+    with torch.enable_grad():
+        leaves = {k: s[k] if s[k].requires_grad else s[k].detach().requires_grad_() for k in keys}
+        y, h_n, c_n = _reference.layer(
+            cell, leaves["x"], leaves["h0"], leaves.get("c0"),
+            LayerWeights(leaves["w_ih"], leaves["w_hh"], leaves.get("b_ih"), leaves.get("b_hh"),
+                         leaves.get("w_hr")),
+            s["batch_sizes"], reverse)
+        outputs, grad_outputs = [y, h_n], [grad_y, grad_h_n]
+        if c_n is not None:
+            outputs.append(c_n)
+            grad_outputs.append(grad_c_n)
+        grads = torch.autograd.grad(outputs, [leaves[k] for k in keys], grad_outputs,
+                                    create_graph=True, allow_unused=True)
+    out = {k: (torch.zeros_like(s[k]) if g is None else g) for k, g in zip(keys, grads)}
+    return out
+
+
+for _cell in CELLS:
+    _register_fakes(_cell)
+    _register_autograd(_cell)

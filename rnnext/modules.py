@@ -1,0 +1,304 @@
+"""rnnext.RNN, rnnext.LSTM and rnnext.GRU: torch.nn's constructors, parameter names, shapes,
+initialisation and forward signatures, running rnnext's own ops.
+
+These deliberately do not subclass torch.nn.RNNBase: TorchDynamo graph-breaks on every
+RNNBase subclass, and these modules are meant to compile with fullgraph=True.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+from typing import List, Optional
+
+import torch
+from torch import Tensor, nn
+from torch.nn import init
+from torch.nn.utils.rnn import PackedSequence
+
+from ._ops import LayerWeights
+from .functional import rnn_stack
+
+_GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
+
+
+def _apply_permutation(tensor: Tensor, permutation: Tensor, dim: int = 1) -> Tensor:
+    return tensor.index_select(dim, permutation)
+
+
+class RNNBase(nn.Module):
+    """What RNN, LSTM and GRU share: parameters, checks, input forms, layer stacking."""
+
+    __constants__ = ["mode", "input_size", "hidden_size", "num_layers", "bias", "batch_first",
+                     "dropout", "bidirectional", "proj_size"]
+
+    def __init__(self, mode: str, input_size: int, hidden_size: int, num_layers: int = 1,
+                 bias: bool = True, batch_first: bool = False, dropout: float = 0.0,
+                 bidirectional: bool = False, proj_size: int = 0, device=None, dtype=None) -> None:
+        factory_kwargs = {"device": device, "dtype": dtype}
+        super().__init__()
+        # Checks and messages as torch.nn.RNNBase, so code that catches them keeps working.
+        if mode not in _GATES:
+            raise ValueError("Unrecognized RNN mode: " + mode)
+        if (not isinstance(dropout, numbers.Number) or isinstance(dropout, bool)
+                or not 0 <= dropout <= 1):
+            raise ValueError("dropout should be a number in range [0, 1] representing the "
+                             "probability of an element being zeroed")
+        if dropout > 0 and num_layers == 1:
+            warnings.warn("dropout option adds dropout after all but last recurrent layer, so "
+                          "non-zero dropout expects num_layers greater than 1, but got "
+                          f"dropout={dropout} and num_layers={num_layers}", stacklevel=3)
+        if not isinstance(bias, bool):
+            raise TypeError(f"bias should be of type bool, got: {type(bias).__name__}")
+        if not isinstance(batch_first, bool):
+            raise TypeError(f"batch_first should be of type bool, got: {type(batch_first).__name__}")
+        if not isinstance(input_size, int) or isinstance(input_size, bool):
+            raise TypeError(f"input_size should be of type int, got: {type(input_size).__name__}")
+        if input_size <= 0:
+            raise ValueError("input_size must be greater than zero")
+        if not isinstance(hidden_size, int) or isinstance(hidden_size, bool):
+            raise TypeError(f"hidden_size should be of type int, got: {type(hidden_size).__name__}")
+        if hidden_size <= 0:
+            raise ValueError("hidden_size must be greater than zero")
+        if not isinstance(num_layers, int) or isinstance(num_layers, bool):
+            raise TypeError(f"num_layers should be of type int, got: {type(num_layers).__name__}")
+        if num_layers <= 0:
+            raise ValueError("num_layers must be greater than zero")
+        if not isinstance(proj_size, int) or isinstance(proj_size, bool):
+            raise TypeError(f"proj_size should be of type int, got: {type(proj_size).__name__}")
+        if proj_size < 0:
+            raise ValueError("proj_size should be a positive integer or zero to disable projections")
+        if proj_size >= hidden_size:
+            raise ValueError("proj_size has to be smaller than hidden_size")
+        if proj_size > 0 and mode != "LSTM":
+            raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
+
+        self.mode = mode
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+        self.num_layers = num_layers
+        self.bias = bias
+        self.batch_first = batch_first
+        self.dropout = float(dropout)
+        self.bidirectional = bidirectional
+        self.proj_size = proj_size
+
+        num_directions = 2 if bidirectional else 1
+        gate_size = _GATES[mode] * hidden_size
+        real_hidden_size = proj_size if proj_size > 0 else hidden_size
+        # Creation order (and so reset_parameters' draw order) is torch.nn's: the same seed
+        # gives the same initial weights.
+        self._flat_weights_names: List[str] = []
+        self._all_weights: List[List[str]] = []
+        for layer in range(num_layers):
+            for direction in range(num_directions):
+                layer_input_size = input_size if layer == 0 else real_hidden_size * num_directions
+                params = [("weight_ih_l{}{}", (gate_size, layer_input_size)),
+                          ("weight_hh_l{}{}", (gate_size, real_hidden_size))]
+                if bias:
+                    params += [("bias_ih_l{}{}", (gate_size,)), ("bias_hh_l{}{}", (gate_size,))]
+                if proj_size > 0:
+                    params.append(("weight_hr_l{}{}", (proj_size, hidden_size)))
+                suffix = "_reverse" if direction == 1 else ""
+                names = []
+                for pattern, shape in params:
+                    name = pattern.format(layer, suffix)
+                    setattr(self, name, nn.Parameter(torch.empty(shape, **factory_kwargs)))
+                    names.append(name)
+                self._flat_weights_names.extend(names)
+                self._all_weights.append(names)
+        self.reset_parameters()
+
+    # ------------------------------------------------------------ torch.nn API
+    def reset_parameters(self) -> None:
+        stdv = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0
+        for weight in self.parameters():
+            init.uniform_(weight, -stdv, stdv)
+
+    def flatten_parameters(self) -> None:
+        """A no-op: rnnext reads the parameters where they are (torch.nn compacts them for cuDNN)."""
+
+    @property
+    def _flat_weights(self) -> List[Optional[Tensor]]:
+        return [getattr(self, name, None) for name in self._flat_weights_names]
+
+    @property
+    def all_weights(self) -> List[List[nn.Parameter]]:
+        return [[getattr(self, name) for name in names] for names in self._all_weights]
+
+    def extra_repr(self) -> str:
+        s = "{input_size}, {hidden_size}"
+        if self.proj_size != 0:
+            s += ", proj_size={proj_size}"
+        if self.num_layers != 1:
+            s += ", num_layers={num_layers}"
+        if self.bias is not True:
+            s += ", bias={bias}"
+        if self.batch_first is not False:
+            s += ", batch_first={batch_first}"
+        if self.dropout != 0:
+            s += ", dropout={dropout}"
+        if self.bidirectional is not False:
+            s += ", bidirectional={bidirectional}"
+        return s.format(**self.__dict__)
+
+    @classmethod
+    def from_torch(cls, module: nn.Module) -> "RNNBase":
+        """A new rnnext module with the configuration, device, dtype and weights of a torch.nn one."""
+        from .utils import from_torch
+
+        made = from_torch(module)
+        if not isinstance(made, cls):
+            raise TypeError(f"{cls.__name__}.from_torch got a {type(module).__name__}")
+        return made
+
+    # ------------------------------------------------------------ forward
+    @property
+    def _cell(self) -> str:
+        return self.mode.lower()
+
+    def _layer_weights(self) -> List[LayerWeights]:
+        weights = []
+        for names in self._all_weights:
+            p = [getattr(self, n) for n in names]
+            b_ih, b_hh = (p[2], p[3]) if self.bias else (None, None)
+            w_hr = p[-1] if self.proj_size > 0 else None
+            weights.append(LayerWeights(p[0], p[1], b_ih, b_hh, w_hr))
+        return weights
+
+    def _check_input(self, input: Tensor, batch_sizes: Optional[Tensor]) -> None:
+        weight = self.weight_ih_l0
+        if input.dtype != weight.dtype:
+            raise ValueError(
+                f"RNN input dtype ({input.dtype}) does not match weight dtype ({weight.dtype}). "
+                f"Convert input: input.to({weight.dtype}), or convert model: model.to({input.dtype})")
+        expected_dim = 2 if batch_sizes is not None else 3
+        if input.dim() != expected_dim:
+            raise RuntimeError(f"input must have {expected_dim} dimensions, got {input.dim()}")
+        if self.input_size != input.size(-1):
+            raise RuntimeError("input.size(-1) must be equal to input_size. "
+                               f"Expected {self.input_size}, got {input.size(-1)}")
+
+    def _expected_hidden_size(self, batch: int, cell_state: bool = False):
+        num_directions = 2 if self.bidirectional else 1
+        size = self.proj_size if (self.proj_size > 0 and not cell_state) else self.hidden_size
+        return (self.num_layers * num_directions, batch, size)
+
+    @staticmethod
+    def _check_hidden_size(hx: Tensor, expected, msg: str = "Expected hidden size {}, got {}") -> None:
+        if hx.size() != expected:
+            raise RuntimeError(msg.format(expected, list(hx.size())))
+
+    def _zeros(self, batch: int, like: Tensor, cell_state: bool = False) -> Tensor:
+        return torch.zeros(self._expected_hidden_size(batch, cell_state), dtype=like.dtype,
+                           device=like.device)
+
+    def forward(self, input, hx=None):
+        is_lstm = self.mode == "LSTM"
+        kind = "LSTM" if is_lstm else "RNN"
+        if isinstance(input, PackedSequence):
+            x, batch_sizes, sorted_indices, unsorted_indices = input
+            is_batched, batch_dim = True, 1
+            batch = int(batch_sizes[0])
+        else:
+            batch_sizes = sorted_indices = unsorted_indices = None
+            if input.dim() not in (2, 3):
+                raise ValueError(f"{kind}: Expected input to be 2D or 3D, got {input.dim()}D "
+                                 + ("instead" if is_lstm else "tensor instead"))
+            is_batched = input.dim() == 3
+            batch_dim = 0 if self.batch_first else 1
+            if not is_batched:
+                input = input.unsqueeze(batch_dim)
+            x = input.transpose(0, 1) if self.batch_first else input
+            batch = x.size(1)
+
+        if hx is None:
+            h0 = self._zeros(batch, x)
+            c0 = self._zeros(batch, x, cell_state=True) if is_lstm else None
+        else:
+            h0, c0 = self._unpack_hx(hx, is_batched)
+        self._check_input(x, batch_sizes)
+        self._check_hidden_size(h0, self._expected_hidden_size(batch),
+                                "Expected hidden[0] size {}, got {}" if is_lstm else
+                                "Expected hidden size {}, got {}")
+        if is_lstm:
+            self._check_hidden_size(c0, self._expected_hidden_size(batch, cell_state=True),
+                                    "Expected hidden[1] size {}, got {}")
+        if hx is not None and sorted_indices is not None:
+            h0 = _apply_permutation(h0, sorted_indices)
+            c0 = _apply_permutation(c0, sorted_indices) if is_lstm else None
+
+        y, h_n, c_n = rnn_stack(self._cell, x, batch_sizes, h0, c0, self._layer_weights(),
+                                self.num_layers, self.bidirectional, self.dropout, self.training)
+
+        if batch_sizes is not None:
+            output = PackedSequence(y, batch_sizes, sorted_indices, unsorted_indices)
+            if unsorted_indices is not None:
+                h_n = _apply_permutation(h_n, unsorted_indices)
+                c_n = _apply_permutation(c_n, unsorted_indices) if is_lstm else None
+        else:
+            output = y.transpose(0, 1) if self.batch_first else y
+            if not is_batched:
+                output = output.squeeze(batch_dim)
+                h_n = h_n.squeeze(1)
+                c_n = c_n.squeeze(1) if is_lstm else None
+        return (output, (h_n, c_n)) if is_lstm else (output, h_n)
+
+    def _unpack_hx(self, hx, is_batched: bool):
+        """(h0, c0) as 3-D tensors from the hx a user passed, with torch.nn's checks."""
+        dims = 3 if is_batched else 2
+        form = "batched 3-D" if is_batched else "unbatched 2-D"
+        if self.mode == "LSTM":
+            if not isinstance(hx, (tuple, list)) or len(hx) != 2:
+                raise TypeError("LSTM expects hx as a tuple (h_0, c_0) of tensors, got "
+                                f"{type(hx).__name__}")
+            h0, c0 = hx
+            if h0.dim() != dims or c0.dim() != dims:
+                raise RuntimeError(f"For {form} input, hx and cx should also be {dims}-D but got "
+                                   f"({h0.dim()}-D, {c0.dim()}-D) tensors")
+            return (h0, c0) if is_batched else (h0.unsqueeze(1), c0.unsqueeze(1))
+        if not isinstance(hx, Tensor):
+            raise TypeError(f"{type(self).__name__} expects hx as a tensor, got {type(hx).__name__}")
+        if hx.dim() != dims:
+            raise RuntimeError(f"For {form} input, hx should also be {dims}-D but got {hx.dim()}-D tensor")
+        return (hx if is_batched else hx.unsqueeze(1)), None
+
+
+class RNN(RNNBase):
+    """Elman RNN, as torch.nn.RNN: ``RNN(input_size, hidden_size, num_layers=1,
+    nonlinearity='tanh', bias=True, batch_first=False, dropout=0.0, bidirectional=False,
+    device=None, dtype=None)``."""
+
+    def __init__(self, *args, **kwargs):
+        if "proj_size" in kwargs:
+            raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
+        if len(args) > 3:
+            self.nonlinearity = args[3]
+            args = args[:3] + args[4:]
+        else:
+            self.nonlinearity = kwargs.pop("nonlinearity", "tanh")
+        if self.nonlinearity == "tanh":
+            mode = "RNN_TANH"
+        elif self.nonlinearity == "relu":
+            mode = "RNN_RELU"
+        else:
+            raise ValueError(f"Unknown nonlinearity '{self.nonlinearity}'. Select from 'tanh' or 'relu'.")
+        super().__init__(mode, *args, **kwargs)
+
+
+class LSTM(RNNBase):
+    """LSTM, as torch.nn.LSTM: ``LSTM(input_size, hidden_size, num_layers=1, bias=True,
+    batch_first=False, dropout=0.0, bidirectional=False, proj_size=0, device=None, dtype=None)``."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__("LSTM", *args, **kwargs)
+
+
+class GRU(RNNBase):
+    """GRU, as torch.nn.GRU: ``GRU(input_size, hidden_size, num_layers=1, bias=True,
+    batch_first=False, dropout=0.0, bidirectional=False, device=None, dtype=None)``."""
+
+    def __init__(self, *args, **kwargs):
+        if "proj_size" in kwargs:
+            raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
+        super().__init__("GRU", *args, **kwargs)

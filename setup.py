@@ -1,0 +1,66 @@
+"""Builds rnnext._C.
+
+The CPU kernels (csrc/*.cpp, csrc/cpu/*.cpp) are always built. CUDA kernels (csrc/cuda/*.cu)
+are added when a CUDA toolkit and a CUDA build of torch are both present, unless
+RNNEXT_CPU_ONLY=1 is set.
+
+Build with `pip install --no-build-isolation -e .` or `python setup.py build_ext --inplace`
+(torch must already be installed: an isolated build cannot see it).
+"""
+import glob
+import os
+import sys
+
+from setuptools import find_packages, setup
+
+try:
+    import torch
+    from torch.utils import cpp_extension
+except ImportError:  # pragma: no cover - a message instead of a traceback
+    sys.exit("rnnext needs torch installed before it is built: pip install 'torch==2.13.*', "
+             "then pip install --no-build-isolation -e .")
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _sources(pattern):
+    return sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, pattern)))
+
+
+def _want_cuda():
+    if os.environ.get("RNNEXT_CPU_ONLY", "0") not in ("", "0"):
+        return False
+    cuda_sources = _sources("csrc/cuda/*.cu")
+    return bool(cuda_sources) and torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+
+
+def _extension():
+    sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
+    # -g0 keeps the .so small and the build fast. -fopenmp makes at::parallel_for's inline
+    # OpenMP region real (torch's CPU builds use the OpenMP backend); it is deliberately not
+    # passed to the linker, so the GOMP symbols resolve to the OpenMP runtime torch itself
+    # loads instead of a second runtime with its own thread pool.
+    cxx = ["-O3", "-g0", "-fopenmp"]
+    if _want_cuda():
+        sources += _sources("csrc/cuda/*.cu")
+        return cpp_extension.CUDAExtension(
+            "rnnext._C", sources,
+            define_macros=[("RNNEXT_WITH_CUDA", "1")],
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]},
+        )
+    return cpp_extension.CppExtension(
+        "rnnext._C", sources, extra_compile_args={"cxx": cxx},
+    )
+
+
+setup(
+    name="rnnext",
+    version="0.1.0",
+    description="Hand-written RNN, LSTM and GRU kernels for PyTorch, drop-in for torch.nn",
+    packages=find_packages(include=["rnnext", "rnnext.*"]),
+    ext_modules=[_extension()],
+    cmdclass={"build_ext": cpp_extension.BuildExtension},
+    python_requires=">=3.9",
+    install_requires=["torch>=2.4"],
+    zip_safe=False,
+)
