@@ -6,8 +6,8 @@
 """
 from . import _ops  # noqa: F401  (loads rnnext._C and registers fake kernels and autograd)
 from .functional import rnn_stack
-from .modules import GRU, LSTM, RNN, RNNBase
+from .modules import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNBase, RNNCell, RNNCellBase
 from .utils import copy_parameters, from_torch
 
 __version__ = "0.1.0"
-__all__ = ["RNN", "LSTM", "GRU", "RNNBase", "copy_parameters", "from_torch", "rnn_stack"]
+__all__ = ["RNN", "LSTM", "GRU", "RNNCell", "LSTMCell", "GRUCell", "RNNBase", "RNNCellBase", "copy_parameters", "from_torch", "rnn_stack"]

@@ -16,10 +16,18 @@ from torch import Tensor, nn
 from torch.nn import init
 from torch.nn.utils.rnn import PackedSequence
 
-from ._ops import LayerWeights
+from ._ops import LayerWeights, layer_forward
 from .functional import rnn_stack
 
 _GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
+
+
+class ArgumentTypeError(AttributeError, TypeError):
+    """An argument of the wrong Python type (a tuple where a tensor belongs, ...).
+
+    torch.nn lets these fail as AttributeError (``'tuple' object has no attribute 'dim'``);
+    this is caught by ``except AttributeError`` as before, and by ``except TypeError``, with a
+    message that names the argument."""
 
 
 def _apply_permutation(tensor: Tensor, permutation: Tensor, dim: int = 1) -> Tensor:
@@ -157,10 +165,39 @@ class RNNBase(nn.Module):
     def _cell(self) -> str:
         return self.mode.lower()
 
+    def _expected_shapes(self):
+        """{parameter name: shape} as created in __init__."""
+        shapes = {}
+        num_directions = 2 if self.bidirectional else 1
+        gate_size = _GATES[self.mode] * self.hidden_size
+        real_hidden = self.proj_size if self.proj_size > 0 else self.hidden_size
+        for layer in range(self.num_layers):
+            layer_input = self.input_size if layer == 0 else real_hidden * num_directions
+            for suffix in ("", "_reverse")[:num_directions]:
+                shapes[f"weight_ih_l{layer}{suffix}"] = (gate_size, layer_input)
+                shapes[f"weight_hh_l{layer}{suffix}"] = (gate_size, real_hidden)
+                shapes[f"bias_ih_l{layer}{suffix}"] = (gate_size,)
+                shapes[f"bias_hh_l{layer}{suffix}"] = (gate_size,)
+                shapes[f"weight_hr_l{layer}{suffix}"] = (self.proj_size, self.hidden_size)
+        return shapes
+
     def _layer_weights(self) -> List[LayerWeights]:
+        """The parameters per layer and direction, checked: a parameter replaced by a tensor
+        of another shape, dtype or device fails here with its name, not deep in a GEMM."""
         weights = []
+        first = self.weight_ih_l0
+        shapes = self._expected_shapes()
         for names in self._all_weights:
             p = [getattr(self, n) for n in names]
+            for name, w in zip(names, p):
+                if not isinstance(w, Tensor):
+                    raise ArgumentTypeError(f"{name} must be a Tensor, got {type(w).__name__}")
+                if w.dtype != first.dtype or w.device != first.device:
+                    raise RuntimeError(f"{name} has dtype {w.dtype} on {w.device}, but weight_ih_l0 "
+                                       f"has dtype {first.dtype} on {first.device}; all parameters "
+                                       "must share one dtype and device")
+                if tuple(w.shape) != shapes[name]:
+                    raise RuntimeError(f"{name} has shape {tuple(w.shape)}, expected {shapes[name]}")
             b_ih, b_hh = (p[2], p[3]) if self.bias else (None, None)
             w_hr = p[-1] if self.proj_size > 0 else None
             weights.append(LayerWeights(p[0], p[1], b_ih, b_hh, w_hr))
@@ -178,6 +215,8 @@ class RNNBase(nn.Module):
         if self.input_size != input.size(-1):
             raise RuntimeError("input.size(-1) must be equal to input_size. "
                                f"Expected {self.input_size}, got {input.size(-1)}")
+        if input.size(0) == 0:
+            raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
 
     def _expected_hidden_size(self, batch: int, cell_state: bool = False):
         num_directions = 2 if self.bidirectional else 1
@@ -195,16 +234,19 @@ class RNNBase(nn.Module):
 
     def forward(self, input, hx=None):
         is_lstm = self.mode == "LSTM"
-        kind = "LSTM" if is_lstm else "RNN"
+        kind = type(self).__name__
         if isinstance(input, PackedSequence):
             x, batch_sizes, sorted_indices, unsorted_indices = input
             is_batched, batch_dim = True, 1
             batch = int(batch_sizes[0])
         else:
             batch_sizes = sorted_indices = unsorted_indices = None
+            if not isinstance(input, Tensor):
+                raise ArgumentTypeError(f"{kind}: expected input as a Tensor or PackedSequence, "
+                                        f"got {type(input).__name__}")
             if input.dim() not in (2, 3):
                 raise ValueError(f"{kind}: Expected input to be 2D or 3D, got {input.dim()}D "
-                                 + ("instead" if is_lstm else "tensor instead"))
+                                 + ("tensor instead" if self.mode.startswith("RNN") else "instead"))
             is_batched = input.dim() == 3
             batch_dim = 0 if self.batch_first else 1
             if not is_batched:
@@ -218,6 +260,10 @@ class RNNBase(nn.Module):
         else:
             h0, c0 = self._unpack_hx(hx, is_batched)
         self._check_input(x, batch_sizes)
+        for state in (h0, c0) if is_lstm else (h0,):
+            if state.dtype != x.dtype or state.device != x.device:
+                raise RuntimeError(f"hx has dtype {state.dtype} on {state.device}, but the input has "
+                                   f"dtype {x.dtype} on {x.device}")
         self._check_hidden_size(h0, self._expected_hidden_size(batch),
                                 "Expected hidden[0] size {}, got {}" if is_lstm else
                                 "Expected hidden size {}, got {}")
@@ -249,16 +295,25 @@ class RNNBase(nn.Module):
         dims = 3 if is_batched else 2
         form = "batched 3-D" if is_batched else "unbatched 2-D"
         if self.mode == "LSTM":
-            if not isinstance(hx, (tuple, list)) or len(hx) != 2:
-                raise TypeError("LSTM expects hx as a tuple (h_0, c_0) of tensors, got "
-                                f"{type(hx).__name__}")
+            # torch.nn's exception types: RuntimeError for a tensor or a tuple longer than two,
+            # IndexError for a shorter one.
+            if isinstance(hx, Tensor):
+                raise RuntimeError("LSTM expects hx as a tuple (h_0, c_0) of two tensors, got a Tensor")
+            if not isinstance(hx, (tuple, list)):
+                raise ArgumentTypeError(f"LSTM expects hx as a tuple (h_0, c_0), got {type(hx).__name__}")
+            if len(hx) < 2:
+                raise IndexError(f"LSTM expects hx as a tuple (h_0, c_0) of two tensors, got {len(hx)}")
+            if len(hx) > 2:
+                raise RuntimeError(f"lstm expects two hidden states, got {len(hx)}")
             h0, c0 = hx
+            if not isinstance(h0, Tensor) or not isinstance(c0, Tensor):
+                raise ArgumentTypeError("LSTM expects hx as a tuple (h_0, c_0) of tensors")
             if h0.dim() != dims or c0.dim() != dims:
                 raise RuntimeError(f"For {form} input, hx and cx should also be {dims}-D but got "
                                    f"({h0.dim()}-D, {c0.dim()}-D) tensors")
             return (h0, c0) if is_batched else (h0.unsqueeze(1), c0.unsqueeze(1))
         if not isinstance(hx, Tensor):
-            raise TypeError(f"{type(self).__name__} expects hx as a tensor, got {type(hx).__name__}")
+            raise ArgumentTypeError(f"{type(self).__name__} expects hx as a Tensor, got {type(hx).__name__}")
         if hx.dim() != dims:
             raise RuntimeError(f"For {form} input, hx should also be {dims}-D but got {hx.dim()}-D tensor")
         return (hx if is_batched else hx.unsqueeze(1)), None
@@ -302,3 +357,184 @@ class GRU(RNNBase):
         if "proj_size" in kwargs:
             raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
         super().__init__("GRU", *args, **kwargs)
+
+
+# ---------------------------------------------------------------------------- cells
+class RNNCellBase(nn.Module):
+    """What RNNCell, LSTMCell and GRUCell share. One step is rnnext's layer op over a
+    one-step sequence, so cells run the same kernels, forward and backward, as the layers."""
+
+    __constants__ = ["input_size", "hidden_size", "bias"]
+    _cell: str  # op name: "rnn_tanh", "rnn_relu", "gru", "lstm"
+
+    def __init__(self, input_size: int, hidden_size: int, bias: bool, num_chunks: int,
+                 device=None, dtype=None) -> None:
+        factory_kwargs = {"device": device, "dtype": dtype}
+        super().__init__()
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+        self.bias = bias
+        self.weight_ih = nn.Parameter(torch.empty((num_chunks * hidden_size, input_size), **factory_kwargs))
+        self.weight_hh = nn.Parameter(torch.empty((num_chunks * hidden_size, hidden_size), **factory_kwargs))
+        if bias:
+            self.bias_ih = nn.Parameter(torch.empty(num_chunks * hidden_size, **factory_kwargs))
+            self.bias_hh = nn.Parameter(torch.empty(num_chunks * hidden_size, **factory_kwargs))
+        else:
+            self.register_parameter("bias_ih", None)
+            self.register_parameter("bias_hh", None)
+        self.reset_parameters()
+
+    def extra_repr(self) -> str:
+        s = "{input_size}, {hidden_size}"
+        if "bias" in self.__dict__ and self.bias is not True:
+            s += ", bias={bias}"
+        if "nonlinearity" in self.__dict__ and self.nonlinearity != "tanh":
+            s += ", nonlinearity={nonlinearity}"
+        return s.format(**self.__dict__)
+
+    def reset_parameters(self) -> None:
+        stdv = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0
+        for weight in self.parameters():
+            init.uniform_(weight, -stdv, stdv)
+
+    @classmethod
+    def from_torch(cls, module: nn.Module) -> "RNNCellBase":
+        """A new rnnext cell with the configuration, device, dtype and weights of a torch.nn one."""
+        from .utils import from_torch
+
+        made = from_torch(module)
+        if not isinstance(made, cls):
+            raise TypeError(f"{cls.__name__}.from_torch got a {type(module).__name__}")
+        return made
+
+    def _check(self, input: Tensor, states) -> None:
+        """torch.nn's cell checks and exception types (RuntimeError for sizes and dtypes)."""
+        if input.size(1) != self.input_size:
+            raise RuntimeError(f"input has inconsistent input_size: got {input.size(1)} "
+                               f"expected {self.input_size}")
+        for i, state in enumerate(states):
+            if input.size(0) != state.size(0):
+                raise RuntimeError(f"Input batch size {input.size(0)} doesn't match hidden{i} "
+                                   f"batch size {state.size(0)}")
+            if state.size(1) != self.hidden_size:
+                raise RuntimeError(f"hidden{i} has inconsistent hidden_size: got {state.size(1)}, "
+                                   f"expected {self.hidden_size}")
+        weight = self.weight_ih
+        for name, t in [("input", input)] + [(f"hidden{i}", s) for i, s in enumerate(states)]:
+            if t.dtype != weight.dtype or t.device != weight.device:
+                raise RuntimeError(f"{name} has dtype {t.dtype} on {t.device}, but the weights have "
+                                   f"dtype {weight.dtype} on {weight.device}")
+        g = _CELL_GATES[self._cell]
+        expected = {"weight_ih": (g * self.hidden_size, self.input_size),
+                    "weight_hh": (g * self.hidden_size, self.hidden_size),
+                    "bias_ih": (g * self.hidden_size,), "bias_hh": (g * self.hidden_size,)}
+        for name, shape in expected.items():
+            w = getattr(self, name)
+            if w is not None and (tuple(w.shape) != shape or w.dtype != weight.dtype):
+                raise RuntimeError(f"{name} has shape {tuple(w.shape)} and dtype {w.dtype}, "
+                                   f"expected {shape} and {weight.dtype}")
+
+    def _step(self, input: Tensor, h: Tensor, c: Optional[Tensor]):
+        w = LayerWeights(self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh, None)
+        _, h_new, c_new = layer_forward(self._cell, input.unsqueeze(0), h, c, w, None, False)
+        return h_new, c_new
+
+    def _prepare(self, input, hx, name: str):
+        if not isinstance(input, Tensor):
+            raise ArgumentTypeError(f"{name}: expected input as a Tensor, got {type(input).__name__}")
+        if input.dim() not in (1, 2):
+            raise ValueError(f"{name}: Expected input to be 1D or 2D, got {input.dim()}D instead")
+        is_batched = input.dim() == 2
+        return (input if is_batched else input.unsqueeze(0)), is_batched
+
+
+_CELL_GATES = {"rnn_tanh": 1, "rnn_relu": 1, "gru": 3, "lstm": 4}
+
+
+class RNNCell(RNNCellBase):
+    """Elman RNN cell, as torch.nn.RNNCell: ``RNNCell(input_size, hidden_size, bias=True,
+    nonlinearity='tanh', device=None, dtype=None)``."""
+
+    __constants__ = ["input_size", "hidden_size", "bias", "nonlinearity"]
+
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True,
+                 nonlinearity: str = "tanh", device=None, dtype=None) -> None:
+        super().__init__(input_size, hidden_size, bias, num_chunks=1, device=device, dtype=dtype)
+        self.nonlinearity = nonlinearity
+
+    @property
+    def _cell(self) -> str:
+        if self.nonlinearity == "tanh":
+            return "rnn_tanh"
+        if self.nonlinearity == "relu":
+            return "rnn_relu"
+        raise RuntimeError(f"Unknown nonlinearity: {self.nonlinearity}")
+
+    def forward(self, input: Tensor, hx: Optional[Tensor] = None) -> Tensor:
+        input, is_batched = self._prepare(input, hx, "RNNCell")
+        if hx is not None:
+            if not isinstance(hx, Tensor):
+                raise ArgumentTypeError(f"RNNCell expects hx as a Tensor, got {type(hx).__name__}")
+            if hx.dim() not in (1, 2):
+                raise ValueError(f"RNNCell: Expected hidden to be 1D or 2D, got {hx.dim()}D instead")
+        cell = self._cell
+        h = (torch.zeros(input.size(0), self.hidden_size, dtype=input.dtype, device=input.device)
+             if hx is None else (hx if is_batched else hx.unsqueeze(0)))
+        self._check(input, [h])
+        h_new, _ = self._step(input, h, None)
+        return h_new if is_batched else h_new.squeeze(0)
+
+
+class LSTMCell(RNNCellBase):
+    """LSTM cell, as torch.nn.LSTMCell: ``LSTMCell(input_size, hidden_size, bias=True,
+    device=None, dtype=None)``; forward returns ``(h_1, c_1)``."""
+
+    _cell = "lstm"
+
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None, dtype=None) -> None:
+        super().__init__(input_size, hidden_size, bias, num_chunks=4, device=device, dtype=dtype)
+
+    def forward(self, input: Tensor, hx=None):
+        input, is_batched = self._prepare(input, hx, "LSTMCell")
+        if hx is not None:
+            if isinstance(hx, Tensor):
+                # torch.nn raises TypeError here (lstm_cell(): 'hx' must be tuple of Tensors)
+                raise TypeError("LSTMCell expects hx as a tuple (h_0, c_0) of tensors, got a Tensor")
+            if not isinstance(hx, (tuple, list)) or len(hx) != 2:
+                raise TypeError("LSTMCell expects hx as a tuple (h_0, c_0) of two tensors")
+            for idx, value in enumerate(hx):
+                if not isinstance(value, Tensor):
+                    raise TypeError(f"LSTMCell expects hx[{idx}] to be a Tensor, got {type(value).__name__}")
+                if value.dim() not in (1, 2):
+                    raise ValueError(f"LSTMCell: Expected hx[{idx}] to be 1D or 2D, got {value.dim()}D instead")
+        if hx is None:
+            zeros = torch.zeros(input.size(0), self.hidden_size, dtype=input.dtype, device=input.device)
+            h, c = zeros, zeros
+        else:
+            h, c = hx if is_batched else (hx[0].unsqueeze(0), hx[1].unsqueeze(0))
+        self._check(input, [h, c])
+        h_new, c_new = self._step(input, h, c)
+        return (h_new, c_new) if is_batched else (h_new.squeeze(0), c_new.squeeze(0))
+
+
+class GRUCell(RNNCellBase):
+    """GRU cell, as torch.nn.GRUCell: ``GRUCell(input_size, hidden_size, bias=True,
+    device=None, dtype=None)``."""
+
+    _cell = "gru"
+
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None, dtype=None) -> None:
+        super().__init__(input_size, hidden_size, bias, num_chunks=3, device=device, dtype=dtype)
+
+    def forward(self, input: Tensor, hx: Optional[Tensor] = None) -> Tensor:
+        input, is_batched = self._prepare(input, hx, "GRUCell")
+        if hx is not None:
+            if not isinstance(hx, Tensor):
+                raise ArgumentTypeError(f"GRUCell expects hx as a Tensor, got {type(hx).__name__}")
+            if hx.dim() not in (1, 2):
+                raise ValueError(f"GRUCell: Expected hidden to be 1D or 2D, got {hx.dim()}D instead")
+        h = (torch.zeros(input.size(0), self.hidden_size, dtype=input.dtype, device=input.device)
+             if hx is None else (hx if is_batched else hx.unsqueeze(0)))
+        self._check(input, [h])
+        h_new, _ = self._step(input, h, None)
+        return h_new if is_batched else h_new.squeeze(0)
