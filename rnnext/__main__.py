@@ -60,12 +60,41 @@ def check(args) -> int:
     return 0
 
 
+def bench(args) -> int:
+    import json
+    import warnings
+
+    from . import bench as b
+
+    warnings.filterwarnings("ignore", message="LSTM with projections is not supported")
+    rows = b.default_rows()
+    if args.only:
+        rows = [r for r in rows if any(key.lower() in r.name().lower() for key in args.only)]
+    machine = _machine()
+    print(f"rnnext vs torch.nn speed — {machine}")
+    print(f"median of {args.repeats} interleaved repeats; fwd = inference (no grad), "
+          "train = forward + backward\n", flush=True)
+    results = b.run(rows, repeats=args.repeats, progress=lambda s: print(s, flush=True))
+    print()
+    print(b.table(results))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(b.to_json(results, machine), f, indent=1)
+        print(f"\nwrote {args.json}")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m rnnext", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p_check = sub.add_parser("check", help="parity report against torch.nn (exit 1 on any FAIL)")
     p_check.add_argument("--quick", action="store_true", help="float64 configurations only")
     p_check.set_defaults(func=check)
+    p_bench = sub.add_parser("bench", help="speed report against torch.nn")
+    p_bench.add_argument("--repeats", type=int, default=7, help="interleaved repeats per row (median)")
+    p_bench.add_argument("--only", nargs="*", help="run rows whose name contains any of these")
+    p_bench.add_argument("--json", help="also write the results to this JSON file")
+    p_bench.set_defaults(func=bench)
     args = parser.parse_args(argv)
     return args.func(args)
 

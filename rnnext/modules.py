@@ -48,6 +48,7 @@ class RNNBase(nn.Module):
         # Checks and messages as torch.nn.RNNBase, so code that catches them keeps working.
         if mode not in _GATES:
             raise ValueError("Unrecognized RNN mode: " + mode)
+        float(dropout)  # as torch.nn: TypeError/ValueError for what float() refuses
         if (not isinstance(dropout, numbers.Number) or isinstance(dropout, bool)
                 or not 0 <= dropout <= 1):
             raise ValueError("dropout should be a number in range [0, 1] representing the "
@@ -295,10 +296,12 @@ class RNNBase(nn.Module):
         dims = 3 if is_batched else 2
         form = "batched 3-D" if is_batched else "unbatched 2-D"
         if self.mode == "LSTM":
-            # torch.nn's exception types: RuntimeError for a tensor or a tuple longer than two,
-            # IndexError for a shorter one.
+            # torch.nn's exception types: a tensor is indexed as hx[0], hx[1] (IndexError when
+            # its first dimension is 1, else RuntimeError on the dimensions); a tuple longer
+            # than two is a RuntimeError, a shorter one an IndexError.
             if isinstance(hx, Tensor):
-                raise RuntimeError("LSTM expects hx as a tuple (h_0, c_0) of two tensors, got a Tensor")
+                error = IndexError if hx.dim() > 0 and hx.size(0) < 2 else RuntimeError
+                raise error("LSTM expects hx as a tuple (h_0, c_0) of two tensors, got a Tensor")
             if not isinstance(hx, (tuple, list)):
                 raise ArgumentTypeError(f"LSTM expects hx as a tuple (h_0, c_0), got {type(hx).__name__}")
             if len(hx) < 2:

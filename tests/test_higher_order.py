@@ -11,7 +11,7 @@ F64 = torch.float64
 
 
 def _pairs():
-    yield nn.LSTM(3, 4, num_layers=2, bidirectional=True, dtype=F64)
+    yield nn.LSTM(3, 4, bidirectional=True, dtype=F64)
     yield nn.LSTM(3, 4, proj_size=2, dtype=F64)
     yield nn.GRU(3, 4, num_layers=2, dtype=F64)
     yield nn.RNN(3, 4, nonlinearity="tanh", bidirectional=True, dtype=F64)

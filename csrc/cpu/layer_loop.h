@@ -20,9 +20,13 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include <cstring>
+
 #include <optional>
 #include <tuple>
 #include <vector>
+
+#include "gemm.h"
 
 namespace rnnext {
 namespace cpu {
@@ -36,7 +40,7 @@ struct ForwardStep {
   int64_t H, Hout;
   const T* gi; int64_t gi_ld;   // [rows, G*H] input projection (+ biases folded in)
   const T* gh; int64_t gh_ld;   // [rows, G*H] h_prev @ W_hh^T (+ b_hh for GRU)
-  T* ws; int64_t ws_ld;         // [rows, ws_cols], h_prev already in columns [0, Hout)
+  T* ws; int64_t ws_ld;         // [rows, ws_cols], h_prev already saved in columns [0, Hout)
   T* c_state;                   // [rows, H] LSTM cell state, read as c_prev, written as c
   T* h_out; int64_t h_out_ld;   // [rows, H] new h (LSTM with projection: r, before W_hr)
 };
@@ -160,6 +164,11 @@ inline int64_t ws_cols_of(int64_t cell_cols, const LayerSizes& s) {
 
 // Forward over the whole sequence. Returns y ([T, B, Hout] or [N, Hout]), h_n [B, Hout],
 // c_n [B, H] (undefined for cells without c) and the workspace [N, ws_cols].
+//
+// Per step: gh = h_prev @ W_hh^T (one GEMM), then one parallel pointwise pass over the rows
+// (save h_prev, the cell's gates and state, write h), then with a projection y = r @ W_hr^T.
+// The step loop touches raw pointers only: no tensor is made or dispatched per step, except
+// on the oneDNN route for large products, where a call costs far less than its arithmetic.
 template <class Cell>
 std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(const Tensor& x_in, const Tensor& h0, const OptTensor& c0,
                                                          const Tensor& w_ih, const Tensor& w_hh, const OptTensor& b_ih,
@@ -181,55 +190,80 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(const Tensor& x_in, con
   const int64_t r_col = ws_cols - H;  // projection input columns (LSTM proj only)
 
   const Tensor x = x_in.contiguous().view({st.N, sz.I});
+  const Tensor w_hh_c = w_hh.contiguous();
+  const Tensor w_hr_c = sz.proj ? w_hr->contiguous() : Tensor();
   // gi = x @ W_ih^T + b_ih (+ b_hh when the cell adds it outside the recurrence), all steps.
+  OptTensor gi_bias;
+  if (b_ih.has_value()) gi_bias = Cell::kRecurrentBias ? *b_ih : (*b_ih + *b_hh);
+  const OneDnnLinear input_linear(w_ih, st.N, st.N);
   Tensor gi;
-  if (b_ih.has_value()) {
-    const Tensor bias = Cell::kRecurrentBias ? *b_ih : (*b_ih + *b_hh);
-    gi = at::addmm(bias, x, w_ih.t());
+  if (input_linear.available()) {
+    gi = input_linear(x, gi_bias);
   } else {
-    gi = at::mm(x, w_ih.t());
+    gi = gi_bias.has_value() ? at::addmm(*gi_bias, x, w_ih.t()) : at::mm(x, w_ih.t());
   }
+  const bool gh_bias = Cell::kRecurrentBias && b_hh.has_value();
+  const Tensor b_hh_c = gh_bias ? b_hh->contiguous() : Tensor();
+  const OneDnnLinear recurrent_linear(w_hh_c, B, B);
+
   Tensor y = x.new_empty({st.N, Hout});
   Tensor ws = x.new_empty({st.N, ws_cols});
   Tensor h_state = h0.contiguous().clone();
   Tensor c_state = Cell::kHasCellState ? c0->contiguous().clone() : Tensor();
   Tensor gh = x.new_empty({B, GH});
-  const Tensor w_hh_t = w_hh.t();
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rnnext_layer_forward", [&] {
+    scalar_t* h_ptr = h_state.data_ptr<scalar_t>();
+    scalar_t* ws_ptr = ws.data_ptr<scalar_t>();
+    scalar_t* y_ptr = y.data_ptr<scalar_t>();
+    scalar_t* gh_ptr = gh.data_ptr<scalar_t>();
+    const scalar_t* gi_ptr = gi.data_ptr<scalar_t>();
+    const scalar_t* w_hh_ptr = w_hh_c.data_ptr<scalar_t>();
+    const scalar_t* b_hh_ptr = gh_bias ? b_hh_c.data_ptr<scalar_t>() : nullptr;
+    ForwardStep<scalar_t> step;
+    step.H = H;
+    step.Hout = Hout;
+    step.gi_ld = GH;
+    step.gh_ld = GH;
+    step.ws_ld = ws_cols;
+    step.c_state = Cell::kHasCellState ? c_state.data_ptr<scalar_t>() : nullptr;
+    step.h_out_ld = sz.proj ? ws_cols : Hout;
     for (int64_t s = 0; s < st.T; ++s) {
       const int64_t t = reverse ? st.T - 1 - s : s;
       const int64_t rows = st.rows[t], off = st.offset[t];
-      Tensor h_prev = h_state.narrow(0, 0, rows);
-      Tensor ws_t = ws.narrow(0, off, rows);
-      ws_t.narrow(1, 0, Hout).copy_(h_prev);
-      Tensor gh_t = gh.narrow(0, 0, rows);
-      if (Cell::kRecurrentBias && b_hh.has_value()) {
-        at::addmm_out(gh_t, *b_hh, h_prev, w_hh_t);
+      // gh = h_prev @ W_hh^T (+ b_hh): [rows, Hout] x [Hout, G*H]
+      Tensor gh_t;
+      if (recurrent_linear.available()) {
+        gh_t = recurrent_linear(h_state.narrow(0, 0, rows), gh_bias ? OptTensor(b_hh_c) : std::nullopt);
+        step.gh = gh_t.data_ptr<scalar_t>();
       } else {
-        at::mm_out(gh_t, h_prev, w_hh_t);
+        if (gh_bias) {
+          for (int64_t b = 0; b < rows; ++b) std::memcpy(gh_ptr + b * GH, b_hh_ptr, sizeof(scalar_t) * GH);
+        }
+        gemm<scalar_t>(false, true, rows, GH, Hout, h_ptr, Hout, w_hh_ptr, Hout, gh_bias, gh_ptr, GH);
+        step.gh = gh_ptr;
       }
-      Tensor y_t = y.narrow(0, off, rows);
-      ForwardStep<scalar_t> step;
-      step.H = H;
-      step.Hout = Hout;
-      step.gi = gi.data_ptr<scalar_t>() + off * GH;
-      step.gi_ld = GH;
-      step.gh = gh.data_ptr<scalar_t>();
-      step.gh_ld = GH;
-      step.ws = ws_t.data_ptr<scalar_t>();
-      step.ws_ld = ws_cols;
-      step.c_state = Cell::kHasCellState ? c_state.data_ptr<scalar_t>() : nullptr;
-      step.h_out = sz.proj ? step.ws + r_col : y_t.data_ptr<scalar_t>();
-      step.h_out_ld = sz.proj ? ws_cols : Hout;
+      step.gi = gi_ptr + off * GH;
+      step.ws = ws_ptr + off * ws_cols;
+      step.h_out = sz.proj ? step.ws + r_col : y_ptr + off * Hout;
       at::parallel_for(0, rows, row_grain(GH), [&](int64_t b0, int64_t b1) {
+        for (int64_t b = b0; b < b1; ++b) {
+          std::memcpy(step.ws + b * ws_cols, h_ptr + b * Hout, sizeof(scalar_t) * Hout);  // save h_prev
+        }
         Cell::template forward_rows<scalar_t>(step, b0, b1);
+        if (!sz.proj) {
+          for (int64_t b = b0; b < b1; ++b) {
+            std::memcpy(h_ptr + b * Hout, step.h_out + b * Hout, sizeof(scalar_t) * Hout);
+          }
+        }
       });
       if (sz.proj) {
         // h = r @ W_hr^T: [rows, H] x [H, Hout]
-        at::mm_out(y_t, ws_t.narrow(1, r_col, H), w_hr->t());
+        scalar_t* y_t = y_ptr + off * Hout;
+        gemm<scalar_t>(false, true, rows, Hout, H, step.h_out, ws_cols, w_hr_c.data_ptr<scalar_t>(), H, false, y_t,
+                       Hout);
+        std::memcpy(h_ptr, y_t, sizeof(scalar_t) * rows * Hout);
       }
-      h_prev.copy_(y_t);
     }
   });
 
@@ -239,6 +273,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(const Tensor& x_in, con
 
 // Backpropagation through time. Returns, in order: grad of x, h0, c0 (undefined without c),
 // w_ih, w_hh, b_ih, b_hh (empty [0] without bias), w_hr (empty [0] without projection).
+//
+// Steps run in the reverse of the forward's order. Per step: dh = dh_state + grad_y[t]
+// (the gradient reaching h_t from above and from the next step), with a projection
+// dr = dh @ W_hr; the cell's pointwise backward gives the gate gradients; then
+// dh_prev = d_gh @ W_hh. The weight gradients are one GEMM each over all steps afterwards.
 template <class Cell>
 std::vector<Tensor> layer_backward(const Tensor& grad_y_in, const Tensor& grad_h_n, const OptTensor& grad_c_n,
                                    const Tensor& x_in, const Tensor& w_ih, const Tensor& w_hh,
@@ -269,6 +308,10 @@ std::vector<Tensor> layer_backward(const Tensor& grad_y_in, const Tensor& grad_h
   const Tensor grad_y = grad_y_in.contiguous().view({st.N, Hout});
   const Tensor y = y_in.contiguous().view({st.N, Hout});
   const Tensor ws = ws_in.contiguous();
+  const Tensor w_hh_c = w_hh.contiguous();
+  const Tensor w_hr_c = sz.proj ? w_hr->contiguous() : Tensor();
+  // dh_prev = d_gh @ W_hh is x @ (W_hh^T)^T: oneDNN takes W_hh^T as its prepacked weight.
+  const OneDnnLinear recurrent_linear(w_hh_c.t(), B, B);
 
   Tensor dh_state = grad_h_n.contiguous().clone();
   Tensor dc_state = Cell::kHasCellState ? grad_c_n->contiguous().clone() : Tensor();
@@ -276,52 +319,65 @@ std::vector<Tensor> layer_backward(const Tensor& grad_y_in, const Tensor& grad_h
   Tensor d_gh = Cell::kSeparateHiddenGrad ? x.new_empty({st.N, GH}) : d_gi;
   // Gradient of each step's h (output + state); with a projection it is kept for dW_hr.
   Tensor dh_all = sz.proj ? x.new_empty({st.N, Hout}) : Tensor();
-  Tensor dh_buf = sz.proj ? Tensor() : x.new_empty({B, Hout});
-  Tensor dr_buf = sz.proj ? x.new_empty({B, H}) : Tensor();
+  Tensor dh_buf = x.new_empty({B, sz.proj ? H : Hout});
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rnnext_layer_backward", [&] {
+    scalar_t* dh_state_ptr = dh_state.data_ptr<scalar_t>();
+    scalar_t* dh_buf_ptr = dh_buf.data_ptr<scalar_t>();
+    const scalar_t* grad_y_ptr = grad_y.data_ptr<scalar_t>();
+    const scalar_t* w_hh_ptr = w_hh_c.data_ptr<scalar_t>();
+    BackwardStep<scalar_t> step;
+    step.H = H;
+    step.Hout = Hout;
+    step.dh = dh_buf_ptr;
+    step.dh_ld = dh_buf.size(1);
+    step.dc_state = Cell::kHasCellState ? dc_state.data_ptr<scalar_t>() : nullptr;
+    step.ws_ld = ws_cols;
+    step.y_ld = Hout;
+    step.d_gi_ld = GH;
+    step.d_gh_ld = GH;
+    step.dh_prev = dh_state_ptr;
+    step.dh_prev_ld = Hout;
     for (int64_t s = 0; s < st.T; ++s) {
       const int64_t t = reverse ? s : st.T - 1 - s;  // forward's order, reversed
       const int64_t rows = st.rows[t], off = st.offset[t];
-      Tensor dh_state_t = dh_state.narrow(0, 0, rows);
-      Tensor dh_t = sz.proj ? dh_all.narrow(0, off, rows) : dh_buf.narrow(0, 0, rows);
-      at::add_out(dh_t, dh_state_t, grad_y.narrow(0, off, rows));
-      Tensor dcell_t = dh_t;  // gradient of what the cell's pointwise pass produced
+      const scalar_t* grad_y_t = grad_y_ptr + off * Hout;
       if (sz.proj) {
-        dcell_t = dr_buf.narrow(0, 0, rows);
-        at::mm_out(dcell_t, dh_t, *w_hr);  // dr = dh @ W_hr: [rows, Hout] x [Hout, H]
+        // dh = dh_state + grad_y[t], kept for dW_hr; dr = dh @ W_hr: [rows, Hout] x [Hout, H]
+        scalar_t* dh_t = dh_all.data_ptr<scalar_t>() + off * Hout;
+        for (int64_t i = 0; i < rows * Hout; ++i) dh_t[i] = dh_state_ptr[i] + grad_y_t[i];
+        gemm<scalar_t>(false, false, rows, H, Hout, dh_t, Hout, w_hr_c.data_ptr<scalar_t>(), H, false, dh_buf_ptr, H);
       }
-      BackwardStep<scalar_t> step;
-      step.H = H;
-      step.Hout = Hout;
-      step.dh = dcell_t.data_ptr<scalar_t>();
-      step.dh_ld = dcell_t.stride(0);
-      step.dc_state = Cell::kHasCellState ? dc_state.data_ptr<scalar_t>() : nullptr;
       step.ws = ws.data_ptr<scalar_t>() + off * ws_cols;
-      step.ws_ld = ws_cols;
       step.y = y.data_ptr<scalar_t>() + off * Hout;
-      step.y_ld = Hout;
       step.d_gi = d_gi.data_ptr<scalar_t>() + off * GH;
-      step.d_gi_ld = GH;
       step.d_gh = d_gh.data_ptr<scalar_t>() + off * GH;
-      step.d_gh_ld = GH;
-      step.dh_prev = dh_state.data_ptr<scalar_t>();
-      step.dh_prev_ld = Hout;
       at::parallel_for(0, rows, row_grain(GH), [&](int64_t b0, int64_t b1) {
+        if (!sz.proj) {
+          for (int64_t i = b0 * Hout; i < b1 * Hout; ++i) dh_buf_ptr[i] = dh_state_ptr[i] + grad_y_t[i];
+        }
         Cell::template backward_rows<scalar_t>(step, b0, b1);
       });
-      // dh_prev (+)= d_gh @ W_hh: [rows, G*H] x [G*H, Hout]
-      const Tensor d_gh_t = d_gh.narrow(0, off, rows);
-      if (Cell::kDirectHiddenGrad) {
-        dh_state_t.addmm_(d_gh_t, w_hh);
+      // dh_prev (+)= d_gh @ W_hh: [rows, G*H] x [G*H, Hout]; the GRU's direct z * dh term is
+      // already in dh_state.
+      if (recurrent_linear.available()) {
+        const Tensor prod = recurrent_linear(d_gh.narrow(0, off, rows));
+        Tensor dst = dh_state.narrow(0, 0, rows);
+        if (Cell::kDirectHiddenGrad) {
+          dst.add_(prod);
+        } else {
+          dst.copy_(prod);
+        }
       } else {
-        at::mm_out(dh_state_t, d_gh_t, w_hh);
+        gemm<scalar_t>(false, false, rows, Hout, GH, step.d_gh, GH, w_hh_ptr, Hout, Cell::kDirectHiddenGrad,
+                       dh_state_ptr, Hout);
       }
     }
   });
 
   // Weight gradients: one GEMM each over all steps, no per-step accumulation.
-  Tensor grad_x = at::mm(d_gi, w_ih).view(x_in.sizes());
+  const OneDnnLinear input_linear(w_ih.t(), st.N, st.N);
+  Tensor grad_x = (input_linear.available() ? input_linear(d_gi) : at::mm(d_gi, w_ih)).view(x_in.sizes());
   Tensor grad_w_ih = at::mm(d_gi.t(), x);
   Tensor grad_w_hh = at::mm(d_gh.t(), ws.narrow(1, 0, Hout));
   Tensor grad_b_ih = x.new_empty({0}), grad_b_hh = x.new_empty({0}), grad_w_hr = x.new_empty({0});

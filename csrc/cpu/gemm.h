@@ -1,0 +1,126 @@
+// GEMM routes for the CPU time loops.
+//
+// Per step the loops multiply small row blocks by a weight, so what a GEMM call costs besides
+// its arithmetic matters: a call through the ATen dispatcher (at::mm_out on narrowed views)
+// costs several microseconds, more than the whole arithmetic of a [1, 64] x [64, 256] step.
+//
+//  * gemm(): row-major C = op(A) op(B) (+ C) on raw pointers, straight into the BLAS that
+//    torch itself links (sgemm_/dgemm_, looked up once at run time). Where this torch build
+//    exports no such symbol, it falls back to at::mm_out/addmm_ on views of the same memory.
+//  * OneDnnLinear: x @ W^T through oneDNN (torch's mkldnn::_linear_pointwise) with W
+//    prepacked once per op call. oneDNN's kernels run about twice MKL's speed on this class
+//    of machine, but each call costs ~15 us, so only large float32 products take this route.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <dlfcn.h>
+
+#include <climits>
+#include <cstring>
+#include <optional>
+
+namespace rnnext {
+namespace cpu {
+
+extern "C" {
+typedef void (*sgemm_fn)(const char*, const char*, const int*, const int*, const int*, const float*, const float*,
+                         const int*, const float*, const int*, const float*, float*, const int*);
+typedef void (*dgemm_fn)(const char*, const char*, const int*, const int*, const int*, const double*,
+                         const double*, const int*, const double*, const int*, const double*, double*, const int*);
+}
+
+inline sgemm_fn blas_sgemm() {
+  static sgemm_fn fn = reinterpret_cast<sgemm_fn>(dlsym(RTLD_DEFAULT, "sgemm_"));
+  return fn;
+}
+inline dgemm_fn blas_dgemm() {
+  static dgemm_fn fn = reinterpret_cast<dgemm_fn>(dlsym(RTLD_DEFAULT, "dgemm_"));
+  return fn;
+}
+
+template <typename T>
+at::Tensor view_of(const T* p, int64_t rows, int64_t cols, int64_t ld) {
+  return at::from_blob(const_cast<T*>(p), {rows, cols}, {ld, 1},
+                       at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
+}
+
+// Row-major C[m, n] = op(A) op(B) + (accumulate ? C : 0), op(X) = X^T when trans_x.
+// A is [m, k] ([k, m] when trans_a) with leading dimension lda; likewise B and C.
+template <typename T>
+void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b,
+          int64_t ldb, bool accumulate, T* c, int64_t ldc) {
+  if (m == 0 || n == 0) return;
+  if (k == 0) {
+    if (!accumulate) {
+      for (int64_t i = 0; i < m; ++i) std::memset(c + i * ldc, 0, sizeof(T) * n);
+    }
+    return;
+  }
+  const bool fits_int = m < INT_MAX && n < INT_MAX && k < INT_MAX && lda < INT_MAX && ldb < INT_MAX && ldc < INT_MAX;
+  // Column-major BLAS sees each row-major matrix transposed: C^T = op(B)^T op(A)^T.
+  const char ta = trans_a ? 'T' : 'N', tb = trans_b ? 'T' : 'N';
+  const int M = static_cast<int>(n), N = static_cast<int>(m), K = static_cast<int>(k);
+  const int LDA = static_cast<int>(ldb), LDB = static_cast<int>(lda), LDC = static_cast<int>(ldc);
+  if constexpr (std::is_same_v<T, float>) {
+    if (fits_int && blas_sgemm()) {
+      const float alpha = 1.f, beta = accumulate ? 1.f : 0.f;
+      blas_sgemm()(&tb, &ta, &M, &N, &K, &alpha, b, &LDA, a, &LDB, &beta, c, &LDC);
+      return;
+    }
+  } else {
+    if (fits_int && blas_dgemm()) {
+      const double alpha = 1., beta = accumulate ? 1. : 0.;
+      blas_dgemm()(&tb, &ta, &M, &N, &K, &alpha, b, &LDA, a, &LDB, &beta, c, &LDC);
+      return;
+    }
+  }
+  at::Tensor A = trans_a ? view_of(a, k, m, lda).t() : view_of(a, m, k, lda);
+  at::Tensor B = trans_b ? view_of(b, n, k, ldb).t() : view_of(b, k, n, ldb);
+  at::Tensor C = view_of(c, m, n, ldc);
+  if (accumulate) {
+    C.addmm_(A, B);
+  } else {
+    at::mm_out(C, A, B);
+  }
+}
+
+// y = x @ W^T through oneDNN, W [n, k] prepacked at construction. Usable only when
+// available() (float32, a torch build with the mkldnn ops); callers keep the BLAS route.
+class OneDnnLinear {
+ public:
+  // Products of at least this many multiply-adds per call go to oneDNN.
+  static constexpr int64_t kMinWork = int64_t(1) << 21;
+
+  OneDnnLinear(const at::Tensor& w, int64_t batch_hint, int64_t rows_for_work) {
+    const int64_t work = rows_for_work * w.size(0) * w.size(1);
+    if (w.scalar_type() != at::kFloat || work < kMinWork || !at::hasMKLDNN()) return;
+    static const auto reorder = c10::Dispatcher::singleton().findOp({"mkldnn::_reorder_linear_weight", ""});
+    static const auto linear = c10::Dispatcher::singleton().findOp({"mkldnn::_linear_pointwise", ""});
+    if (!reorder || !linear) return;
+    linear_ = *linear;
+    std::vector<c10::IValue> stack{w.contiguous(), c10::IValue(batch_hint)};
+    reorder->callBoxed(&stack);
+    packed_ = stack[0].toTensor();
+    ok_ = true;
+  }
+
+  bool available() const { return ok_; }
+
+  // x [m, k] (rows contiguous) -> new [m, n] tensor.
+  at::Tensor operator()(const at::Tensor& x, const std::optional<at::Tensor>& bias = std::nullopt) const {
+    std::vector<c10::IValue> stack{x, packed_, bias.has_value() ? c10::IValue(*bias) : c10::IValue(),
+                                   c10::IValue(std::string("none")), c10::IValue(c10::List<std::optional<at::Scalar>>()),
+                                   c10::IValue(std::string(""))};
+    linear_->callBoxed(&stack);
+    return stack[0].toTensor();
+  }
+
+ private:
+  bool ok_ = false;
+  at::Tensor packed_;
+  std::optional<c10::OperatorHandle> linear_;
+};
+
+}  // namespace cpu
+}  // namespace rnnext

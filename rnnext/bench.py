@@ -1,0 +1,283 @@
+"""Speed of rnnext against torch.nn on this machine: the measurement behind
+``python -m rnnext bench`` and benchmarks/run.py.
+
+Each row times the same model (same weights, same input) in rnnext and in torch.nn, in the
+same process, interleaved (ours, torch, ours, torch, ...), and reports medians. "fwd" is
+inference (eval mode, no grad); "train" is forward + backward of a loss over the output and
+the final states. The floor is the time of the row's GEMMs alone (same shapes and counts),
+each on the fastest GEMM found here (torch.mm, i.e. MKL/OpenBLAS, or oneDNN with a prepacked
+weight); "of floor" is floor / rnnext time. "saved MiB" is what autograd keeps between forward
+and backward (unique storages packed by saved-tensor hooks), torch.nn vs rnnext.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence
+
+GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
+
+
+@dataclass
+class Row:
+    cell: str  # "LSTM", "GRU", "RNN" (tanh)
+    T: int
+    B: int
+    H: int
+    layers: int = 1
+    bidirectional: bool = False
+    proj: int = 0
+    packed: bool = False  # lengths spread over [T/10, T], unsorted
+
+    @property
+    def I(self) -> int:  # noqa: E743 - the usual name
+        return self.H
+
+    def name(self) -> str:
+        s = f"{self.cell} T={self.T} B={self.B} H={self.H}"
+        if self.layers > 1:
+            s += f" L={self.layers}"
+        if self.bidirectional:
+            s += " bidir"
+        if self.proj:
+            s += f" proj={self.proj}"
+        if self.packed:
+            s += " packed"
+        return s
+
+
+def default_rows() -> List[Row]:
+    rows = []
+    for cell in ("LSTM", "GRU", "RNN"):
+        for T, B, H in ((100, 1, 64), (100, 32, 256), (50, 64, 1024)):
+            rows.append(Row(cell, T, B, H))
+    rows.append(Row("GRU", 50, 16, 128, layers=2, bidirectional=True))
+    rows.append(Row("LSTM", 50, 16, 256, layers=2, proj=128))
+    rows.append(Row("LSTM", 100, 32, 256, packed=True))
+    return rows
+
+
+@dataclass
+class Result:
+    row: str
+    mode: str
+    torch_ms: float
+    rnnext_ms: float
+    floor_ms: float
+    torch_saved_mib: Optional[float] = None
+    rnnext_saved_mib: Optional[float] = None
+    speedup: float = field(init=False)
+    of_floor: float = field(init=False)
+
+    def __post_init__(self):
+        self.speedup = self.torch_ms / self.rnnext_ms
+        self.of_floor = self.floor_ms / self.rnnext_ms
+
+
+# ---------------------------------------------------------------- models and inputs
+def _models(row: Row):
+    from .utils import from_torch
+
+    torch.manual_seed(0)
+    kwargs = dict(num_layers=row.layers, bidirectional=row.bidirectional)
+    if row.cell == "LSTM":
+        ref = nn.LSTM(row.I, row.H, proj_size=row.proj, **kwargs)
+    elif row.cell == "GRU":
+        ref = nn.GRU(row.I, row.H, **kwargs)
+    else:
+        ref = nn.RNN(row.I, row.H, **kwargs)
+    return ref, from_torch(ref)
+
+
+def _lengths(row: Row) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(max(1, row.T // 10), row.T + 1, (row.B,), generator=g)
+    lengths[0] = row.T
+    return lengths
+
+
+def _input(row: Row, requires_grad: bool):
+    x = torch.randn(row.T, row.B, row.I, generator=torch.Generator().manual_seed(1))
+    x.requires_grad_(requires_grad)
+    if row.packed:
+        return x, pack_padded_sequence(x, _lengths(row), enforce_sorted=False)
+    return x, x
+
+
+def _step_fn(model: nn.Module, row: Row, mode: str) -> Callable[[], None]:
+    if mode == "fwd":
+        model.eval()
+        _, inp = _input(row, requires_grad=False)
+
+        def run():
+            with torch.no_grad():
+                model(inp)
+        return run
+
+    model.train()
+    x, _ = _input(row, requires_grad=True)
+    lengths = _lengths(row) if row.packed else None
+
+    def run():
+        inp = pack_padded_sequence(x, lengths, enforce_sorted=False) if row.packed else x
+        out, state = model(inp)
+        out = out.data if row.packed else out
+        states = state if isinstance(state, tuple) else (state,)
+        loss = out.sum() + sum(s.sum() for s in states)
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+        x.grad = None
+
+    return run
+
+
+def _saved_mib(model: nn.Module, row: Row) -> float:
+    """MiB of unique storages autograd saves for backward in one training forward."""
+    model.train()
+    x, inp = _input(row, requires_grad=True)
+    storages: Dict[int, int] = {}
+
+    def pack(t):
+        try:
+            s = t.untyped_storage()
+            storages[s.data_ptr()] = s.nbytes()
+        except (RuntimeError, NotImplementedError):
+            pass
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out, _ = model(inp)
+    del out
+    return sum(storages.values()) / 2**20
+
+
+# ---------------------------------------------------------------- timing
+def _time_once(fn: Callable[[], None], number: int) -> float:
+    start = time.perf_counter()
+    for _ in range(number):
+        fn()
+    return (time.perf_counter() - start) / number
+
+
+def time_pair(fn_a, fn_b, repeats: int, min_seconds: float = 0.05) -> Tuple[float, float]:
+    """Median seconds per call of fn_a and fn_b, measured alternately."""
+    fn_a(), fn_b()  # warm-up (allocator, caches, weight packing)
+    est = max(_time_once(fn_a, 1), _time_once(fn_b, 1), 1e-6)
+    number = max(1, int(min_seconds / est))
+    a, b = [], []
+    for _ in range(repeats):
+        a.append(_time_once(fn_a, number))
+        b.append(_time_once(fn_b, number))
+    return statistics.median(a), statistics.median(b)
+
+
+# ---------------------------------------------------------------- GEMM floor
+def _gemm_list(row: Row, mode: str) -> Dict[Tuple[int, int, int], int]:
+    """{(m, n, k): count} of the GEMMs a layer stack must do: [m, k] x [k, n]."""
+    G = GATES[row.cell]
+    H, Hout = row.H, row.proj or row.H
+    D = 2 if row.bidirectional else 1
+    steps = [int((_lengths(row) > t).sum()) for t in range(row.T)] if row.packed else [row.B] * row.T
+    N = sum(steps)
+    gemms: Dict[Tuple[int, int, int], int] = {}
+
+    def add(m, n, k, count=1):
+        gemms[(m, n, k)] = gemms.get((m, n, k), 0) + count
+
+    for layer in range(row.layers):
+        I = row.I if layer == 0 else Hout * D
+        for _ in range(D):
+            add(N, G * H, I)  # input projection
+            for b in steps:
+                add(b, G * H, Hout)  # recurrent
+                if row.proj:
+                    add(b, Hout, H)  # projection
+            if mode == "train":
+                for b in steps:
+                    add(b, Hout, G * H)  # dh_prev = d_gates @ W_hh
+                    if row.proj:
+                        add(b, H, Hout)  # dr = dh @ W_hr
+                add(N, I, G * H)  # dx
+                add(G * H, I, N)  # dW_ih
+                add(G * H, Hout, N)  # dW_hh
+                if row.proj:
+                    add(Hout, H, N)  # dW_hr
+    return gemms
+
+
+_GEMM_CACHE: Dict[Tuple[int, int, int], float] = {}
+
+
+def _fastest_gemm_seconds(m: int, n: int, k: int) -> float:
+    key = (m, n, k)
+    if key in _GEMM_CACHE:
+        return _GEMM_CACHE[key]
+    a = torch.randn(m, k)
+    w = torch.randn(n, k)  # as a Linear weight: [m, k] x [k, n] = a @ w^T
+    out = torch.empty(m, n)
+    candidates = [lambda: torch.mm(a, w.t(), out=out)]
+    try:
+        packed = torch.ops.mkldnn._reorder_linear_weight(w, m)
+        torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [], "")
+        candidates.append(lambda: torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [], ""))
+    except (RuntimeError, AttributeError):
+        pass
+    best = math.inf
+    for fn in candidates:
+        fn()
+        est = max(_time_once(fn, 1), 1e-7)
+        number = max(1, int(0.01 / est))
+        best = min(best, statistics.median(_time_once(fn, number) for _ in range(5)))
+    _GEMM_CACHE[key] = best
+    return best
+
+
+def floor_seconds(row: Row, mode: str) -> float:
+    return sum(count * _fastest_gemm_seconds(*shape) for shape, count in _gemm_list(row, mode).items())
+
+
+# ---------------------------------------------------------------- the suite
+def run(rows: List[Row], modes=("fwd", "train"), repeats: int = 7,
+        progress: Callable[[str], None] = print) -> List[Result]:
+    results = []
+    total = len(rows) * len(modes)
+    for i, row in enumerate(rows):
+        for j, mode in enumerate(modes):
+            ref, ours = _models(row)
+            t_ours, t_torch = time_pair(_step_fn(ours, row, mode), _step_fn(ref, row, mode), repeats)
+            saved = (_saved_mib(ref, row), _saved_mib(ours, row)) if mode == "train" else (None, None)
+            res = Result(row.name(), mode, t_torch * 1e3, t_ours * 1e3, floor_seconds(row, mode) * 1e3,
+                         saved[0], saved[1])
+            results.append(res)
+            progress(f"[{i * len(modes) + j + 1}/{total}] {res.row:<34} {mode:<5} torch {res.torch_ms:9.2f} ms"
+                     f"  rnnext {res.rnnext_ms:9.2f} ms  x{res.speedup:5.2f}")
+    return results
+
+
+def geomean(values) -> float:
+    values = list(values)
+    return math.exp(sum(math.log(v) for v in values) / len(values))
+
+
+def table(results: List[Result]) -> str:
+    lines = ["| shape | mode | torch.nn ms | rnnext ms | speedup | GEMM floor ms | of floor | saved MiB torch / rnnext |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in results:
+        saved = f"{r.torch_saved_mib:.1f} / {r.rnnext_saved_mib:.1f}" if r.torch_saved_mib is not None else ""
+        lines.append(f"| {r.row} | {r.mode} | {r.torch_ms:.2f} | {r.rnnext_ms:.2f} | {r.speedup:.2f}x | "
+                     f"{r.floor_ms:.2f} | {100 * r.of_floor:.0f}% | {saved} |")
+    lines.append(f"\nGeometric-mean speedup over {len(results)} rows: {geomean(r.speedup for r in results):.2f}x; "
+                 f"slowest row: {min(r.speedup for r in results):.2f}x")
+    return "\n".join(lines)
+
+
+def to_json(results: List[Result], machine: str) -> dict:
+    return {"machine": machine, "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "results": [asdict(r) for r in results],
+            "geomean_speedup": geomean(r.speedup for r in results)}

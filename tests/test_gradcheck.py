@@ -1,0 +1,188 @@
+"""The layer ops called directly through torch.ops.rnnext: finite-difference gradient checks
+(torch.autograd.gradcheck, float64) and torch.library.opcheck (schema, fake kernels,
+autograd registration, AOT dispatch) for every forward and backward op."""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from torch.autograd import gradcheck, gradgradcheck
+from torch.profiler import ProfilerActivity, profile
+
+import rnnext  # noqa: F401  (registers the ops)
+
+GATES = {"rnn_tanh": 1, "rnn_relu": 1, "gru": 3, "lstm": 4}
+OPS = tuple(GATES)
+# Tiny sizes: gradcheck perturbs every input element one at a time.
+T, B, I, H, P = 3, 2, 3, 4, 2
+
+
+def forward_op(cell):
+    return getattr(torch.ops.rnnext, f"{cell}_layer_forward").default
+
+
+def backward_op(cell):
+    return getattr(torch.ops.rnnext, f"{cell}_layer_backward").default
+
+
+def op_args(cell, *, bias, reverse, proj=False, requires_grad=True, seed=0):
+    """Forward-op arguments in schema order; values O(0.5) so no activation saturates."""
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape):
+        return (0.5 * torch.randn(*shape, generator=g, dtype=torch.float64)).requires_grad_(requires_grad)
+
+    hout = P if proj else H
+    gh = GATES[cell] * H
+    x, h0 = r(T, B, I), r(B, hout)
+    w_ih, w_hh = r(gh, I), r(gh, hout)
+    b_ih, b_hh = (r(gh), r(gh)) if bias else (None, None)
+    if cell == "lstm":
+        c0 = r(B, H)
+        w_hr = r(P, H) if proj else None
+        return (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, None, reverse)
+    return (x, h0, w_ih, w_hh, b_ih, b_hh, None, reverse)
+
+
+def differentiable_outputs(cell):
+    """The op without its last output (the workspace, which is not differentiable)."""
+    op = forward_op(cell)
+
+    def f(*args):
+        return op(*args)[:-1]
+
+    return f
+
+
+def _cases():
+    for cell in OPS:
+        projs = (False, True) if cell == "lstm" else (False,)
+        for bias, reverse, proj in itertools.product((False, True), (False, True), projs):
+            yield pytest.param(cell, bias, reverse, proj,
+                               id=f"{cell}-{'bias' if bias else 'nobias'}-{'rev' if reverse else 'fwd'}"
+                                  + ("-proj" if proj else ""))
+
+
+CASES = list(_cases())
+
+
+@pytest.mark.parametrize("cell,bias,reverse,proj", CASES)
+def test_gradcheck_forward_op(cell, bias, reverse, proj):
+    args = op_args(cell, bias=bias, reverse=reverse, proj=proj)
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    # Every tensor input (x, h0, c0, all weights) takes part in the check.
+    expected = 4 + (2 if bias else 0) + (1 if cell == "lstm" else 0) + (1 if proj else 0)
+    assert len(tensors) == expected and all(t.requires_grad for t in tensors)
+    assert gradcheck(differentiable_outputs(cell), args, eps=1e-6, atol=1e-8, rtol=1e-6)
+
+
+@pytest.mark.parametrize("cell,bias,reverse,proj", CASES)
+def test_gradcheck_uses_the_backward_op(cell, bias, reverse, proj):
+    """First-order gradients come from the C++ backward op (not the torch-op fallback used
+    for create_graph=True), so the gradcheck above does check the hand-written BPTT."""
+    args = op_args(cell, bias=bias, reverse=reverse, proj=proj)
+    outs = differentiable_outputs(cell)(*args)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        torch.autograd.grad(sum(o.sum() for o in outs), [a for a in args if isinstance(a, torch.Tensor)])
+    names = {e.name for e in prof.events()}
+    assert f"rnnext::{cell}_layer_backward" in names
+
+
+@pytest.mark.parametrize("cell", OPS)
+def test_gradcheck_wrt_subset_of_inputs(cell):
+    """Only some inputs require grad (the others' gradients must simply be skipped)."""
+    args = list(op_args(cell, bias=True, reverse=True, proj=cell == "lstm", requires_grad=False))
+    args[0].requires_grad_(True)  # x
+    args[3 if cell == "lstm" else 2].requires_grad_(True)  # w_ih
+    assert gradcheck(differentiable_outputs(cell), tuple(args), eps=1e-6, atol=1e-8, rtol=1e-6)
+
+
+@pytest.mark.parametrize("cell", OPS)
+def test_gradgradcheck_forward_op(cell):
+    """Second order (create_graph=True) through the op's autograd formula."""
+    args = op_args(cell, bias=True, reverse=True, proj=cell == "lstm")
+    assert gradgradcheck(differentiable_outputs(cell), args, eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize("cell", OPS)
+def test_workspace_is_not_differentiable(cell):
+    args = op_args(cell, bias=True, reverse=False)
+    outs = forward_op(cell)(*args)
+    assert all(o.requires_grad for o in outs[:-1])
+    assert not outs[-1].requires_grad
+
+
+# ---------------------------------------------------------------- opcheck
+def _opcheck_ok(result):
+    assert result, "opcheck returned nothing"
+    assert all(v == "SUCCESS" for v in result.values()), result
+
+
+FAST_UTILS = ("test_schema", "test_autograd_registration", "test_faketensor")
+
+
+@pytest.mark.parametrize("cell,bias,reverse,proj", CASES)
+def test_opcheck_forward_fast(cell, bias, reverse, proj):
+    args = op_args(cell, bias=bias, reverse=reverse, proj=proj)
+    _opcheck_ok(torch.library.opcheck(forward_op(cell), args, test_utils=FAST_UTILS))
+
+
+# The AOT-dispatch check traces forward and backward and is slower (~0.5 s a case): every op
+# with bias, reversed, plus LSTM's projection with and without bias.
+AOT_CASES = [c for c in CASES if c.values[2] and (c.values[1] or c.values[3])]
+
+
+@pytest.mark.parametrize("cell,bias,reverse,proj", AOT_CASES)
+def test_opcheck_forward_aot_dispatch(cell, bias, reverse, proj):
+    args = op_args(cell, bias=bias, reverse=reverse, proj=proj)
+    _opcheck_ok(torch.library.opcheck(forward_op(cell), args, test_utils="test_aot_dispatch_dynamic"))
+
+
+def backward_args(cell, *, bias, reverse, proj):
+    fwd = op_args(cell, bias=bias, reverse=reverse, proj=proj, requires_grad=False)
+    outs = forward_op(cell)(*fwd)
+    g = torch.Generator().manual_seed(5)
+
+    def r(t):
+        return torch.randn(t.shape, generator=g, dtype=t.dtype)
+
+    if cell == "lstm":
+        x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, rev = fwd
+        y, h_n, c_n, ws = outs
+        return (r(y), r(h_n), r(c_n), x, w_ih, w_hh, w_hr, batch_sizes, rev, bias, y, ws)
+    x, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, rev = fwd
+    y, h_n, ws = outs
+    return (r(y), r(h_n), x, w_ih, w_hh, batch_sizes, rev, bias, y, ws)
+
+
+# The backward ops have no autograd formula of their own (they are not differentiated:
+# double backward takes the torch-op path), so test_autograd_registration is left out.
+@pytest.mark.parametrize("cell,bias,reverse,proj", CASES)
+def test_opcheck_backward_fast(cell, bias, reverse, proj):
+    args = backward_args(cell, bias=bias, reverse=reverse, proj=proj)
+    _opcheck_ok(torch.library.opcheck(backward_op(cell), args, test_utils=("test_schema", "test_faketensor")))
+
+
+@pytest.mark.parametrize("cell,bias,reverse,proj", AOT_CASES)
+def test_opcheck_backward_aot_dispatch(cell, bias, reverse, proj):
+    args = backward_args(cell, bias=bias, reverse=reverse, proj=proj)
+    _opcheck_ok(torch.library.opcheck(backward_op(cell), args, test_utils="test_aot_dispatch_dynamic"))
+
+
+@pytest.mark.parametrize("cell,bias,reverse,proj", CASES)
+def test_backward_op_output_shapes(cell, bias, reverse, proj):
+    """Gradients come back with their input's shape; a missing bias/projection gets [0]."""
+    fwd = op_args(cell, bias=bias, reverse=reverse, proj=proj, requires_grad=False)
+    grads = backward_op(cell)(*backward_args(cell, bias=bias, reverse=reverse, proj=proj))
+    if cell == "lstm":
+        x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr = fwd[:8]
+        expected = [x.shape, h0.shape, c0.shape, w_ih.shape, w_hh.shape,
+                    b_ih.shape if bias else (0,), b_hh.shape if bias else (0,),
+                    w_hr.shape if proj else (0,)]
+    else:
+        x, h0, w_ih, w_hh, b_ih, b_hh = fwd[:6]
+        expected = [x.shape, h0.shape, w_ih.shape, w_hh.shape,
+                    b_ih.shape if bias else (0,), b_hh.shape if bias else (0,)]
+    assert [tuple(g.shape) for g in grads] == [tuple(s) for s in expected]
+    assert all(torch.isfinite(g).all() for g in grads)

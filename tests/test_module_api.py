@@ -1,0 +1,258 @@
+"""The module surface matches torch.nn's: constructor signature and checks (exception types
+and messages), parameter names, shapes and order, repr, all_weights, _flat_weights_names,
+and the exceptions raised for malformed forward inputs."""
+from __future__ import annotations
+
+import copy
+import itertools
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import rnnext
+from helpers import CELLS, TOL, make_inputs, make_pair, module_classes
+
+API_CONFIGS = [
+    pytest.param(cell, dict(num_layers=nl, bias=bias, bidirectional=bi, batch_first=bf),
+                 id=f"{cell}-L{nl}-{'bias' if bias else 'nobias'}-{'bi' if bi else 'uni'}-{'bf' if bf else 'tf'}")
+    for cell, nl, bias, bi, bf in itertools.product(CELLS, (1, 3), (True, False), (False, True), (False, True))
+] + [
+    pytest.param("LSTM", dict(num_layers=nl, bias=bias, bidirectional=bi, proj_size=ps),
+                 id=f"LSTM-P{ps}-L{nl}-{'bias' if bias else 'nobias'}-{'bi' if bi else 'uni'}")
+    for nl, bias, bi, ps in itertools.product((1, 2), (True, False), (False, True), (1, 4))
+] + [
+    pytest.param("GRU", dict(num_layers=2, dropout=0.25), id="GRU-dropout"),
+    pytest.param("RNN_RELU", dict(num_layers=2, dropout=0.5, bidirectional=True), id="RNN_RELU-dropout"),
+    pytest.param("LSTM", dict(num_layers=3, dropout=1.0, proj_size=2, batch_first=True, bias=False), id="LSTM-all"),
+]
+
+
+def build(cell, kwargs, input_size=3, hidden_size=5, dtype=torch.float32):
+    ref_cls, our_cls, extra = module_classes(cell)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return (ref_cls(input_size, hidden_size, dtype=dtype, **extra, **kwargs),
+                our_cls(input_size, hidden_size, dtype=dtype, **extra, **kwargs))
+
+
+@pytest.mark.parametrize("cell,kwargs", API_CONFIGS)
+def test_parameter_names_shapes_and_order(cell, kwargs):
+    ref, ours = build(cell, kwargs)
+    expected = [(n, tuple(p.shape), p.dtype, p.requires_grad) for n, p in ref.named_parameters()]
+    got = [(n, tuple(p.shape), p.dtype, p.requires_grad) for n, p in ours.named_parameters()]
+    assert got == expected
+    assert all(isinstance(p, nn.Parameter) for p in ours.parameters())
+    assert list(ours.state_dict()) == list(ref.state_dict())
+    assert list(ours.buffers()) == list(ref.buffers()) == []
+
+
+@pytest.mark.parametrize("cell,kwargs", API_CONFIGS)
+def test_repr_and_config_attributes(cell, kwargs):
+    ref, ours = build(cell, kwargs)
+    assert repr(ours) == repr(ref)
+    assert ours.extra_repr() == ref.extra_repr()
+    for attr in ("mode", "input_size", "hidden_size", "num_layers", "bias", "batch_first", "dropout",
+                 "bidirectional", "proj_size"):
+        assert getattr(ours, attr) == getattr(ref, attr), attr
+        assert type(getattr(ours, attr)) is type(getattr(ref, attr)), attr
+    if cell.startswith("RNN"):
+        assert ours.nonlinearity == ref.nonlinearity
+
+
+@pytest.mark.parametrize("cell,kwargs", API_CONFIGS)
+def test_all_weights_and_flat_weights(cell, kwargs):
+    ref, ours = build(cell, kwargs)
+    assert ours._flat_weights_names == ref._flat_weights_names
+    assert ours._all_weights == ref._all_weights
+    # all_weights: per layer and direction, the parameters themselves, in torch.nn's order
+    assert len(ours.all_weights) == len(ref.all_weights)
+    for names, ours_group, ref_group in zip(ours._all_weights, ours.all_weights, ref.all_weights):
+        assert [tuple(p.shape) for p in ours_group] == [tuple(p.shape) for p in ref_group]
+        assert all(p is getattr(ours, n) for n, p in zip(names, ours_group))
+    assert len(ours._flat_weights) == len(ref._flat_weights)
+    assert all(p is getattr(ours, n) for n, p in zip(ours._flat_weights_names, ours._flat_weights))
+
+
+def test_all_weights_follow_reassigned_parameters():
+    ours = rnnext.LSTM(3, 4, num_layers=2)
+    new = nn.Parameter(torch.zeros_like(ours.weight_hh_l1))
+    ours.weight_hh_l1 = new
+    assert ours.all_weights[1][1] is new
+    assert ours._flat_weights[ours._flat_weights_names.index("weight_hh_l1")] is new
+
+
+@pytest.mark.parametrize("cls", [rnnext.RNN, rnnext.LSTM, rnnext.GRU])
+def test_flatten_parameters_is_a_harmless_no_op(cls):
+    torch.manual_seed(0)
+    m = cls(3, 4, num_layers=2, bidirectional=True)
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    x = torch.randn(5, 2, 3)
+    out_before = m(x)[0]
+    assert m.flatten_parameters() is None
+    for n, p in m.named_parameters():
+        assert torch.equal(p, before[n])
+    torch.testing.assert_close(m(x)[0], out_before, rtol=0, atol=0)
+
+
+def test_positional_arguments_as_torch():
+    """LSTM(input, hidden, num_layers, bias, batch_first, dropout, bidirectional, proj_size)
+    and RNN(input, hidden, num_layers, nonlinearity, bias, ...), positionally."""
+    args = (3, 5, 2, False, True, 0.0, True, 2)
+    ref, ours = nn.LSTM(*args), rnnext.LSTM(*args)
+    assert repr(ours) == repr(ref)
+    assert [n for n, _ in ours.named_parameters()] == [n for n, _ in ref.named_parameters()]
+    args = (3, 5, 2, "relu", False, True)
+    ref, ours = nn.RNN(*args), rnnext.RNN(*args)
+    assert ours.mode == ref.mode == "RNN_RELU"
+    assert repr(ours) == repr(ref)
+    assert ours.batch_first is True and ours.bias is False
+    args = (3, 5, 3, True, True, 0.1, True)
+    ref, ours = nn.GRU(*args), rnnext.GRU(*args)
+    assert repr(ours) == repr(ref)
+
+
+@pytest.mark.parametrize("cls", [rnnext.RNN, rnnext.LSTM, rnnext.GRU])
+def test_device_and_dtype_factory_kwargs(cls):
+    m = cls(3, 4, num_layers=2, device="cpu", dtype=torch.float64)
+    assert all(p.dtype == torch.float64 and p.device.type == "cpu" for p in m.parameters())
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_deepcopy_and_state_dict_round_trip(cell, tmp_path):
+    ref, ours = make_pair(cell, num_layers=2, bidirectional=True)
+    x, hx = make_inputs(ref, with_hx=True)
+    clone = copy.deepcopy(ours)
+    torch.testing.assert_close(clone(x, hx)[0], ref(x, hx)[0], **TOL[torch.float64])
+    path = tmp_path / "sd.pt"
+    torch.save(ours.state_dict(), path)
+    _, fresh = make_pair(cell, num_layers=2, bidirectional=True, seed=99)
+    fresh.load_state_dict(torch.load(path))
+    torch.testing.assert_close(fresh(x, hx)[0], ref(x, hx)[0], **TOL[torch.float64])
+
+
+# ---------------------------------------------------------------- constructor errors
+CTOR_ERRORS = [
+    ("RNN", (4, 5), dict(nonlinearity="sigmoid")),
+    ("RNN", (4, 5, 1, "gelu"), {}),
+    ("RNN", (4, 5), dict(nonlinearity="Tanh")),
+    ("LSTM", (4, 5), dict(dropout=-0.1)),
+    ("LSTM", (4, 5), dict(dropout=1.5)),
+    ("GRU", (4, 5), dict(dropout=True)),
+    ("GRU", (4, 5), dict(dropout="0.5")),
+    ("RNN", (4, 5), dict(dropout=None)),
+    ("LSTM", (4, 0), {}),
+    ("GRU", (4, -1), {}),
+    ("RNN", (4, 0), {}),
+    ("LSTM", (0, 5), {}),
+    ("LSTM", (4, 5), dict(num_layers=0)),
+    ("GRU", (4, 5), dict(num_layers=-2)),
+    ("LSTM", (4, 5), dict(proj_size=5)),
+    ("LSTM", (4, 5), dict(proj_size=6)),
+    ("LSTM", (4, 5), dict(proj_size=-1)),
+    ("GRU", (4, 5), dict(proj_size=2)),
+    ("RNN", (4, 5), dict(proj_size=2)),
+    ("GRU", (4, 5), dict(proj_size=0)),
+    ("RNN", (4, 5), dict(proj_size=0)),
+    ("LSTM", (4, 5), dict(bias=1)),
+    ("LSTM", (4, 5), dict(batch_first=None)),
+    ("LSTM", (4.0, 5), {}),
+    ("GRU", (4, 5.0), {}),
+    ("LSTM", (4, 5), dict(bogus=1)),
+    ("LSTM", (4, 5, 1, True, False, 0.0, False, 0, None, None, 1), {}),
+]
+
+
+def _raise_info(fn):
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fn()
+    except Exception as e:  # noqa: BLE001 - the exception itself is what is compared
+        return type(e), str(e)
+    return None, None
+
+
+@pytest.mark.parametrize("name,args,kwargs", CTOR_ERRORS,
+                         ids=[f"{n}-{a}-{k}" for n, a, k in CTOR_ERRORS])
+def test_constructor_errors_match_torch(name, args, kwargs):
+    expected = _raise_info(lambda: getattr(nn, name)(*args, **kwargs))
+    got = _raise_info(lambda: getattr(rnnext, name)(*args, **kwargs))
+    assert expected[0] is not None, "torch.nn accepted it: not an error case"
+    assert got == expected
+
+
+def test_non_int_num_layers_is_a_type_error():
+    # torch.nn fails with a TypeError from range(); rnnext checks it up front (same type).
+    expected = _raise_info(lambda: nn.LSTM(4, 5, num_layers=2.0))
+    got = _raise_info(lambda: rnnext.LSTM(4, 5, num_layers=2.0))
+    assert expected[0] is TypeError and got[0] is TypeError
+
+
+# ---------------------------------------------------------------- forward input errors
+def _pair(name, **kw):
+    torch.manual_seed(0)
+    return getattr(nn, name)(4, 5, **kw), getattr(rnnext, name)(4, 5, **kw)
+
+
+FORWARD_ERRORS = [
+    ("LSTM", {}, lambda: (torch.randn(5, 3, 4, 1),), "4-D input"),
+    ("GRU", {}, lambda: (torch.randn(5, 3, 4, 1),), "4-D input"),
+    ("RNN", {}, lambda: (torch.randn(4),), "1-D input"),
+    ("LSTM", {}, lambda: (torch.randn(5, 3, 6),), "wrong input_size"),
+    ("RNN", {}, lambda: (torch.randn(5, 6),), "wrong input_size unbatched"),
+    ("LSTM", {}, lambda: (torch.randn(5, 3, 4, dtype=torch.float64),), "input dtype"),
+    ("GRU", {}, lambda: (torch.randn(5, 3, 4, dtype=torch.float16),), "input dtype half"),
+    ("LSTM", {}, lambda: (torch.randn(5, 3, 4), (torch.randn(1, 2, 5), torch.randn(1, 3, 5))), "h0 batch"),
+    ("LSTM", {}, lambda: (torch.randn(5, 3, 4), (torch.randn(1, 3, 5), torch.randn(1, 3, 4))), "c0 size"),
+    ("LSTM", dict(proj_size=2), lambda: (torch.randn(5, 3, 4), (torch.randn(1, 3, 5), torch.randn(1, 3, 5))),
+     "h0 size with proj"),
+    ("GRU", {}, lambda: (torch.randn(5, 3, 4), torch.randn(2, 3, 5)), "hx layers"),
+    ("RNN", dict(bidirectional=True), lambda: (torch.randn(5, 3, 4), torch.randn(1, 3, 5)), "hx directions"),
+    ("RNN", {}, lambda: (torch.randn(5, 3, 4), torch.randn(1, 5)), "2-D hx for batched input"),
+    ("RNN", {}, lambda: (torch.randn(5, 4), torch.randn(1, 1, 5)), "3-D hx for unbatched input"),
+    ("LSTM", {}, lambda: (torch.randn(5, 4), (torch.randn(1, 1, 5), torch.randn(1, 1, 5))),
+     "3-D hx for unbatched LSTM"),
+    ("LSTM", {}, lambda: (torch.randn(5, 3, 4), (torch.randn(1, 3, 5), torch.randn(3, 5))), "2-D c0"),
+    ("LSTM", {}, lambda: (torch.randn(0, 3, 4),), "zero steps"),
+    ("GRU", {}, lambda: (torch.randn(0, 3, 4),), "zero steps"),
+    ("LSTM", dict(num_layers=2), lambda: (torch.randn(5, 3, 4), torch.randn(2, 3, 5)), "hx as one tensor, 2 layers"),
+]
+
+
+@pytest.mark.parametrize("name,kwargs,inputs,desc", FORWARD_ERRORS,
+                         ids=[f"{n}-{d}" for n, _, _, d in FORWARD_ERRORS])
+def test_forward_errors_match_torch(name, kwargs, inputs, desc):
+    ref, ours = _pair(name, **kwargs)
+    args = inputs()
+    expected = _raise_info(lambda: ref(*args))
+    got = _raise_info(lambda: ours(*args))
+    assert expected[0] is not None, "torch.nn accepted it: not an error case"
+    assert got[0] is expected[0], (got, expected)
+
+
+def test_lstm_hx_as_one_tensor_error_type_matches_torch():
+    """A common mistake: passing only h0 to a one-layer LSTM. torch.nn fails with IndexError
+    (it indexes hx[1] on a tensor whose first dimension is 1); rnnext must raise the same type
+    so that code catching it keeps working."""
+    ref, ours = _pair("LSTM")
+    x, h0 = torch.randn(5, 3, 4), torch.randn(1, 3, 5)
+    expected = _raise_info(lambda: ref(x, h0))
+    got = _raise_info(lambda: ours(x, h0))
+    assert expected[0] is IndexError
+    assert got[0] is expected[0], (got, expected)
+
+
+@pytest.mark.parametrize("name", ["RNN", "GRU", "LSTM"])
+def test_zero_batch_is_accepted_like_torch(name):
+    ref, ours = _pair(name)
+    x = torch.randn(5, 0, 4)
+    assert ours(x)[0].shape == ref(x)[0].shape == (5, 0, 5)
+
+
+def test_replaced_parameter_of_wrong_shape_is_reported_by_name():
+    ours = rnnext.GRU(4, 5, num_layers=2)
+    ours.weight_hh_l1 = nn.Parameter(torch.randn(15, 4))
+    with pytest.raises(RuntimeError, match="weight_hh_l1"):
+        ours(torch.randn(3, 2, 4))

@@ -1,0 +1,124 @@
+"""PackedSequence input: a few parity checks against torch.nn (outputs, final states and all
+gradients), sorted and unsorted batches, with and without initial states. The full packed
+suite belongs to a later task."""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+
+from helpers import CELLS, TOL, make_inputs, make_pair
+
+F64 = torch.float64
+LENGTHS = {True: [5, 4, 2, 1], False: [2, 5, 1, 4]}  # enforce_sorted -> lengths
+
+
+def run_packed(module, x, lengths, hx, enforce_sorted, loss_seed=7):
+    """Forward on pack_padded_sequence(x) and backward of a loss weighting every valid output
+    element and every final-state element differently; returns results and gradients."""
+    is_lstm = module.mode == "LSTM"
+    module.zero_grad(set_to_none=True)
+    x = x.detach().clone().requires_grad_(True)
+    leaves = []
+    call_hx = None
+    if hx is not None:
+        leaves = [t.detach().clone().requires_grad_(True) for t in (hx if is_lstm else (hx,))]
+        call_hx = tuple(leaves) if is_lstm else leaves[0]
+    packed = pack_padded_sequence(x, lengths, batch_first=module.batch_first, enforce_sorted=enforce_sorted)
+    out, state = module(packed, call_hx)
+    assert isinstance(out, PackedSequence)
+    padded, out_lengths = pad_packed_sequence(out, batch_first=module.batch_first)
+    assert out_lengths.tolist() == list(lengths)
+    states = list(state) if is_lstm else [state]
+    g = torch.Generator().manual_seed(loss_seed)
+    loss = (padded * torch.randn(padded.shape, generator=g, dtype=padded.dtype)).sum()
+    for s in states:
+        loss = loss + (s * torch.randn(s.shape, generator=g, dtype=s.dtype)).sum()
+    loss.backward()
+    res = {"out": padded.detach(), "grad_x": x.grad}
+    for i, s in enumerate(states):
+        res[f"state{i}"] = s.detach()
+    for i, leaf in enumerate(leaves):
+        res[f"grad_hx{i}"] = leaf.grad
+    for name, p in module.named_parameters():
+        res["param." + name] = p.grad
+    return res
+
+
+CASES = list(itertools.product(CELLS, (1, 2), (False, True), (False, True), (True, False)))
+
+
+@pytest.mark.parametrize("cell,layers,bidirectional,with_hx,enforce_sorted", CASES,
+                         ids=[f"{c}-L{l}-{'bi' if bi else 'uni'}-{'hx' if h else 'nohx'}-"
+                              f"{'sorted' if s else 'unsorted'}" for c, l, bi, h, s in CASES])
+def test_packed_parity(cell, layers, bidirectional, with_hx, enforce_sorted):
+    ref, ours = make_pair(cell, num_layers=layers, bidirectional=bidirectional)
+    lengths = LENGTHS[enforce_sorted]
+    x, hx = make_inputs(ref, with_hx=with_hx, seq_len=max(lengths), batch=len(lengths))
+    expected = run_packed(ref, x, lengths, hx, enforce_sorted)
+    got = run_packed(ours, x, lengths, hx, enforce_sorted)
+    assert set(got) == set(expected)
+    for key, value in expected.items():
+        assert got[key] is not None, key
+        torch.testing.assert_close(got[key], value, **TOL[F64], msg=lambda m: f"{key}: {m}")
+
+
+@pytest.mark.parametrize("enforce_sorted", [True, False])
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_packed_parity_lstm_proj_batch_first(bidirectional, enforce_sorted):
+    ref, ours = make_pair("LSTM", num_layers=2, bidirectional=bidirectional, proj_size=2, batch_first=True)
+    lengths = LENGTHS[enforce_sorted]
+    x, hx = make_inputs(ref, with_hx=True, seq_len=max(lengths), batch=len(lengths))
+    expected = run_packed(ref, x, lengths, hx, enforce_sorted)
+    got = run_packed(ours, x, lengths, hx, enforce_sorted)
+    for key, value in expected.items():
+        torch.testing.assert_close(got[key], value, **TOL[F64], msg=lambda m: f"{key}: {m}")
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_packed_equal_lengths_equals_padded(cell):
+    """All sequences full length: the packed result is the padded one."""
+    _, ours = make_pair(cell, num_layers=2, bidirectional=True)
+    x, hx = make_inputs(ours, with_hx=True)
+    padded_out = ours(x, hx)[0]
+    packed = pack_padded_sequence(x, [x.shape[0]] * x.shape[1])
+    packed_out = pad_packed_sequence(ours(packed, hx)[0])[0]
+    torch.testing.assert_close(packed_out, padded_out, **TOL[F64])
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_packed_training_dropout_matches_torch(cell):
+    ref, ours = make_pair(cell, num_layers=3, bidirectional=True, dropout=0.3)
+    lengths = LENGTHS[False]
+    x, hx = make_inputs(ref, with_hx=True, seq_len=max(lengths), batch=len(lengths))
+    torch.manual_seed(4)
+    expected = run_packed(ref, x, lengths, hx, False)
+    torch.manual_seed(4)
+    got = run_packed(ours, x, lengths, hx, False)
+    for key, value in expected.items():
+        torch.testing.assert_close(got[key], value, **TOL[F64], msg=lambda m: f"{key}: {m}")
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("cell", ["rnn_tanh", "rnn_relu", "gru", "lstm"])
+def test_gradcheck_packed_op(cell, reverse):
+    """The forward op on packed data ([N, I] + batch_sizes), checked by finite differences."""
+    gates = {"rnn_tanh": 1, "rnn_relu": 1, "gru": 3, "lstm": 4}[cell]
+    i, h, p = 3, 4, 2
+    batch_sizes = torch.tensor([3, 2, 2, 1], dtype=torch.int64)
+    g = torch.Generator().manual_seed(0)
+
+    def r(*shape):
+        return (0.5 * torch.randn(*shape, generator=g, dtype=F64)).requires_grad_(True)
+
+    op = getattr(torch.ops.rnnext, f"{cell}_layer_forward").default
+    n = int(batch_sizes.sum())
+    if cell == "lstm":
+        args = (r(n, i), r(3, p), r(3, h), r(4 * h, i), r(4 * h, p), r(4 * h), r(4 * h), r(p, h),
+                batch_sizes, reverse)
+    else:
+        args = (r(n, i), r(3, h), r(gates * h, i), r(gates * h, h), r(gates * h), r(gates * h),
+                batch_sizes, reverse)
+    assert torch.autograd.gradcheck(lambda *a: op(*a)[:-1], args, eps=1e-6, atol=1e-8, rtol=1e-6)
