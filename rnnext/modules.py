@@ -61,19 +61,19 @@ class RNNBase(nn.Module):
             raise TypeError(f"bias should be of type bool, got: {type(bias).__name__}")
         if not isinstance(batch_first, bool):
             raise TypeError(f"batch_first should be of type bool, got: {type(batch_first).__name__}")
-        if not isinstance(input_size, int) or isinstance(input_size, bool):
+        if not isinstance(input_size, int):
             raise TypeError(f"input_size should be of type int, got: {type(input_size).__name__}")
         if input_size <= 0:
             raise ValueError("input_size must be greater than zero")
-        if not isinstance(hidden_size, int) or isinstance(hidden_size, bool):
+        if not isinstance(hidden_size, int):
             raise TypeError(f"hidden_size should be of type int, got: {type(hidden_size).__name__}")
         if hidden_size <= 0:
             raise ValueError("hidden_size must be greater than zero")
-        if not isinstance(num_layers, int) or isinstance(num_layers, bool):
+        if not isinstance(num_layers, int):
             raise TypeError(f"num_layers should be of type int, got: {type(num_layers).__name__}")
         if num_layers <= 0:
             raise ValueError("num_layers must be greater than zero")
-        if not isinstance(proj_size, int) or isinstance(proj_size, bool):
+        if not isinstance(proj_size, int):
             raise TypeError(f"proj_size should be of type int, got: {type(proj_size).__name__}")
         if proj_size < 0:
             raise ValueError("proj_size should be a positive integer or zero to disable projections")
@@ -207,7 +207,10 @@ class RNNBase(nn.Module):
     def _check_input(self, input: Tensor, batch_sizes: Optional[Tensor]) -> None:
         weight = self.weight_ih_l0
         if input.dtype != weight.dtype:
-            raise ValueError(
+            # torch.nn.LSTM checks packed input only in its kernel (RuntimeError); every other
+            # path raises ValueError.
+            error = RuntimeError if (self.mode == "LSTM" and batch_sizes is not None) else ValueError
+            raise error(
                 f"RNN input dtype ({input.dtype}) does not match weight dtype ({weight.dtype}). "
                 f"Convert input: input.to({weight.dtype}), or convert model: model.to({input.dtype})")
         expected_dim = 2 if batch_sizes is not None else 3
@@ -259,7 +262,7 @@ class RNNBase(nn.Module):
             h0 = self._zeros(batch, x)
             c0 = self._zeros(batch, x, cell_state=True) if is_lstm else None
         else:
-            h0, c0 = self._unpack_hx(hx, is_batched)
+            h0, c0 = self._unpack_hx(hx, is_batched, packed=batch_sizes is not None)
         self._check_input(x, batch_sizes)
         for state in (h0, c0) if is_lstm else (h0,):
             if state.dtype != x.dtype or state.device != x.device:
@@ -271,6 +274,8 @@ class RNNBase(nn.Module):
         if is_lstm:
             self._check_hidden_size(c0, self._expected_hidden_size(batch, cell_state=True),
                                     "Expected hidden[1] size {}, got {}")
+        if is_lstm and isinstance(hx, Tensor):
+            raise TypeError("LSTM expects hx as a tuple (h_0, c_0) of two tensors, got a Tensor")
         if hx is not None and sorted_indices is not None:
             h0 = _apply_permutation(h0, sorted_indices)
             c0 = _apply_permutation(c0, sorted_indices) if is_lstm else None
@@ -291,17 +296,18 @@ class RNNBase(nn.Module):
                 c_n = c_n.squeeze(1) if is_lstm else None
         return (output, (h_n, c_n)) if is_lstm else (output, h_n)
 
-    def _unpack_hx(self, hx, is_batched: bool):
+    def _unpack_hx(self, hx, is_batched: bool, packed: bool = False):
         """(h0, c0) as 3-D tensors from the hx a user passed, with torch.nn's checks."""
         dims = 3 if is_batched else 2
         form = "batched 3-D" if is_batched else "unbatched 2-D"
         if self.mode == "LSTM":
-            # torch.nn's exception types: a tensor is indexed as hx[0], hx[1] (IndexError when
-            # its first dimension is 1, else RuntimeError on the dimensions); a tuple longer
-            # than two is a RuntimeError, a shorter one an IndexError.
+            # torch.nn's exception types: a Tensor hx is indexed as hx[0], hx[1] (IndexError
+            # when its first dimension is 1), then checked as a tuple would be (RuntimeError),
+            # and refused by the op (TypeError, raised in forward after the checks).
             if isinstance(hx, Tensor):
-                error = IndexError if hx.dim() > 0 and hx.size(0) < 2 else RuntimeError
-                raise error("LSTM expects hx as a tuple (h_0, c_0) of two tensors, got a Tensor")
+                if hx.dim() == 0 or hx.size(0) < 2:
+                    raise IndexError("LSTM expects hx as a tuple (h_0, c_0) of two tensors, got a Tensor")
+                hx = (hx[0], hx[1])
             if not isinstance(hx, (tuple, list)):
                 raise ArgumentTypeError(f"LSTM expects hx as a tuple (h_0, c_0), got {type(hx).__name__}")
             if len(hx) < 2:
@@ -311,6 +317,10 @@ class RNNBase(nn.Module):
             h0, c0 = hx
             if not isinstance(h0, Tensor) or not isinstance(c0, Tensor):
                 raise ArgumentTypeError("LSTM expects hx as a tuple (h_0, c_0) of tensors")
+            if packed and (h0.dim() != 3 or c0.dim() != 3):
+                # torch.nn fails indexing dimension 1 of the state: an IndexError
+                raise IndexError(f"With PackedSequence input, hx and cx should be 3-D but got "
+                                 f"({h0.dim()}-D, {c0.dim()}-D) tensors")
             if h0.dim() != dims or c0.dim() != dims:
                 raise RuntimeError(f"For {form} input, hx and cx should also be {dims}-D but got "
                                    f"({h0.dim()}-D, {c0.dim()}-D) tensors")
@@ -503,11 +513,13 @@ class LSTMCell(RNNCellBase):
             if isinstance(hx, Tensor):
                 # torch.nn raises TypeError here (lstm_cell(): 'hx' must be tuple of Tensors)
                 raise TypeError("LSTMCell expects hx as a tuple (h_0, c_0) of tensors, got a Tensor")
-            if not isinstance(hx, (tuple, list)) or len(hx) != 2:
-                raise TypeError("LSTMCell expects hx as a tuple (h_0, c_0) of two tensors")
+            if not isinstance(hx, (tuple, list)):
+                raise ArgumentTypeError(f"LSTMCell expects hx as a tuple (h_0, c_0), got {type(hx).__name__}")
+            if len(hx) != 2:
+                raise RuntimeError(f"lstm_cell expects two hidden states, got {len(hx)}")
             for idx, value in enumerate(hx):
                 if not isinstance(value, Tensor):
-                    raise TypeError(f"LSTMCell expects hx[{idx}] to be a Tensor, got {type(value).__name__}")
+                    raise ArgumentTypeError(f"LSTMCell expects hx[{idx}] to be a Tensor, got {type(value).__name__}")
                 if value.dim() not in (1, 2):
                     raise ValueError(f"LSTMCell: Expected hx[{idx}] to be 1D or 2D, got {value.dim()}D instead")
         if hx is None:

@@ -128,12 +128,14 @@ LayerSizes check_weights(const Tensor& x, const Tensor& w_ih, const Tensor& w_hh
   TORCH_CHECK(x.device().is_cpu(), "rnnext: this op's CPU kernel got an input on ", x.device());
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
               "rnnext: input must be float32 or float64, got ", x.scalar_type());
+  TORCH_CHECK(x.dim() == 2 || x.dim() == 3, "rnnext: input x must be 3-D [T, B, I] or packed 2-D [N, I], got ",
+              x.dim(), "-D");
   TORCH_CHECK(w_ih.dim() == 2 && w_hh.dim() == 2, "rnnext: w_ih and w_hh must be 2-D");
   check_same(x, w_ih, "w_ih");
   check_same(x, w_hh, "w_hh");
   LayerSizes s;
   s.G = Cell::kGates;
-  TORCH_CHECK(w_ih.size(0) > 0 && w_ih.size(0) % s.G == 0, "rnnext: w_ih must have ", s.G,
+  TORCH_CHECK(w_ih.size(0) % s.G == 0, "rnnext: w_ih must have ", s.G,
               " * hidden_size rows, got ", w_ih.size(0));
   s.H = w_ih.size(0) / s.G;
   s.I = w_ih.size(1);
