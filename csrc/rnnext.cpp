@@ -5,6 +5,7 @@
 // or, with batch_sizes [T] (int64, CPU), the [N, I] data of a PackedSequence. `reverse` runs
 // the steps from last to first (the backward direction of a bidirectional layer). The last
 // output, `workspace` [N, ws_cols], holds what the backward op needs; it is not differentiable.
+// With need_backward=false (inference) it is returned empty, [0, ws_cols], and never written.
 // A backward op returns the gradients of the forward's tensor inputs; a missing bias or
 // projection gets an empty [0] tensor.
 #include <Python.h>
@@ -19,27 +20,28 @@ extern "C" PyObject* PyInit__C(void) {
 TORCH_LIBRARY(rnnext, m) {
   // h_t = tanh(x_t W_ih^T + b_ih + h_{t-1} W_hh^T + b_hh)  -> (y, h_n, workspace)
   m.def("rnn_tanh_layer_forward(Tensor x, Tensor h0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, "
-        "Tensor? batch_sizes, bool reverse) -> (Tensor, Tensor, Tensor)");
+        "Tensor? batch_sizes, bool reverse, bool need_backward=True) -> (Tensor, Tensor, Tensor)");
   // -> (grad_x, grad_h0, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh)
   m.def("rnn_tanh_layer_backward(Tensor grad_y, Tensor grad_h_n, Tensor x, Tensor w_ih, Tensor w_hh, "
         "Tensor? batch_sizes, bool reverse, bool has_bias, Tensor y, Tensor workspace) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // As rnn_tanh, with relu in place of tanh.
   m.def("rnn_relu_layer_forward(Tensor x, Tensor h0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, "
-        "Tensor? batch_sizes, bool reverse) -> (Tensor, Tensor, Tensor)");
+        "Tensor? batch_sizes, bool reverse, bool need_backward=True) -> (Tensor, Tensor, Tensor)");
   m.def("rnn_relu_layer_backward(Tensor grad_y, Tensor grad_h_n, Tensor x, Tensor w_ih, Tensor w_hh, "
         "Tensor? batch_sizes, bool reverse, bool has_bias, Tensor y, Tensor workspace) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // GRU, gates r, z, n as torch.nn  -> (y, h_n, workspace)
   m.def("gru_layer_forward(Tensor x, Tensor h0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, "
-        "Tensor? batch_sizes, bool reverse) -> (Tensor, Tensor, Tensor)");
+        "Tensor? batch_sizes, bool reverse, bool need_backward=True) -> (Tensor, Tensor, Tensor)");
   // -> (grad_x, grad_h0, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh)
   m.def("gru_layer_backward(Tensor grad_y, Tensor grad_h_n, Tensor x, Tensor w_ih, Tensor w_hh, "
         "Tensor? batch_sizes, bool reverse, bool has_bias, Tensor y, Tensor workspace) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // LSTM, gates i, f, g, o as torch.nn; w_hr [proj_size, H] projects h  -> (y, h_n, c_n, workspace)
   m.def("lstm_layer_forward(Tensor x, Tensor h0, Tensor c0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, "
-        "Tensor? b_hh, Tensor? w_hr, Tensor? batch_sizes, bool reverse) -> (Tensor, Tensor, Tensor, Tensor)");
+        "Tensor? b_hh, Tensor? w_hr, Tensor? batch_sizes, bool reverse, bool need_backward=True) "
+        "-> (Tensor, Tensor, Tensor, Tensor)");
   // -> (grad_x, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh, grad_w_hr)
   m.def("lstm_layer_backward(Tensor grad_y, Tensor grad_h_n, Tensor grad_c_n, Tensor x, Tensor w_ih, "
         "Tensor w_hh, Tensor? w_hr, Tensor? batch_sizes, bool reverse, bool has_bias, Tensor y, "

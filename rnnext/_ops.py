@@ -48,20 +48,24 @@ def layer_forward(cell: str, x: Tensor, h0: Tensor, c0: Optional[Tensor], w: Lay
     """One layer, one direction. x: [T, B, I] or packed [N, I] with batch_sizes [T].
 
     Returns (y, h_n, c_n): y [T, B, Hout] (or [N, Hout]), h_n [B, Hout], c_n [B, H] (LSTM) or None.
+    The op saves a workspace for backward only when autograd will need one.
     """
+    need_backward = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, h0, c0, *w))
     if cell == "lstm":
         y, h_n, c_n, _ = _forward_op(cell)(x, h0, c0, w.w_ih, w.w_hh, w.b_ih, w.b_hh, w.w_hr,
-                                           batch_sizes, reverse)
+                                           batch_sizes, reverse, need_backward)
         return y, h_n, c_n
-    y, h_n, _ = _forward_op(cell)(x, h0, w.w_ih, w.w_hh, w.b_ih, w.b_hh, batch_sizes, reverse)
+    y, h_n, _ = _forward_op(cell)(x, h0, w.w_ih, w.w_hh, w.b_ih, w.b_hh, batch_sizes, reverse,
+                                  need_backward)
     return y, h_n, None
 
 
 # ---------------------------------------------------------------- fake (meta) kernels
-def _fake_forward(cell, x, h0, c0, w_ih, w_hh, w_hr):
+def _fake_forward(cell, x, h0, c0, w_ih, w_hh, w_hr, need_backward):
     hidden = w_ih.shape[0] // GATES[cell]
     hidden_out = w_hh.shape[1]
-    rows = math.prod(x.shape[:-1])
+    rows = math.prod(x.shape[:-1]) if need_backward else 0
     y = x.new_empty((*x.shape[:-1], hidden_out))
     h_n = h0.new_empty(h0.shape)
     ws = x.new_empty((rows, workspace_cols(cell, hidden, hidden_out, w_hr is not None)))
@@ -85,16 +89,16 @@ def _fake_backward(cell, grad_h_n, grad_c_n, x, w_ih, w_hh, w_hr, has_bias):
 def _register_fakes(cell):
     if cell == "lstm":
         @torch.library.register_fake("rnnext::lstm_layer_forward")
-        def _(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse):
-            return _fake_forward(cell, x, h0, c0, w_ih, w_hh, w_hr)
+        def _(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse, need_backward=True):
+            return _fake_forward(cell, x, h0, c0, w_ih, w_hh, w_hr, need_backward)
 
         @torch.library.register_fake("rnnext::lstm_layer_backward")
         def _(grad_y, grad_h_n, grad_c_n, x, w_ih, w_hh, w_hr, batch_sizes, reverse, has_bias, y, ws):
             return _fake_backward(cell, grad_h_n, grad_c_n, x, w_ih, w_hh, w_hr, has_bias)
     else:
         @torch.library.register_fake(f"rnnext::{cell}_layer_forward")
-        def _(x, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse):
-            return _fake_forward(cell, x, h0, None, w_ih, w_hh, None)
+        def _(x, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, need_backward=True):
+            return _fake_forward(cell, x, h0, None, w_ih, w_hh, None, need_backward)
 
         @torch.library.register_fake(f"rnnext::{cell}_layer_backward")
         def _(grad_y, grad_h_n, x, w_ih, w_hh, batch_sizes, reverse, has_bias, y, ws):
@@ -104,10 +108,11 @@ def _register_fakes(cell):
 # ---------------------------------------------------------------- autograd
 # Forward inputs of each op, in schema order.
 _INPUTS = {
-    "lstm": ("x", "h0", "c0", "w_ih", "w_hh", "b_ih", "b_hh", "w_hr", "batch_sizes", "reverse"),
+    "lstm": ("x", "h0", "c0", "w_ih", "w_hh", "b_ih", "b_hh", "w_hr", "batch_sizes", "reverse",
+             "need_backward"),
 }
 for _cell in ("rnn_tanh", "rnn_relu", "gru"):
-    _INPUTS[_cell] = ("x", "h0", "w_ih", "w_hh", "b_ih", "b_hh", "batch_sizes", "reverse")
+    _INPUTS[_cell] = ("x", "h0", "w_ih", "w_hh", "b_ih", "b_hh", "batch_sizes", "reverse", "need_backward")
 _SAVED = ("x", "h0", "c0", "w_ih", "w_hh", "b_ih", "b_hh", "w_hr", "batch_sizes", "y", "ws")
 
 
@@ -119,6 +124,7 @@ def _register_autograd(cell):
         args = dict(zip(names, inputs))
         args["y"], args["ws"] = output[0], output[-1]
         ctx.reverse = args["reverse"]
+        ctx.need_backward = args.get("need_backward", True)
         ctx.save_for_backward(*(args.get(k) for k in _SAVED))
         ctx.mark_non_differentiable(output[-1])
 
@@ -132,6 +138,9 @@ def _register_autograd(cell):
             grad_c_n = torch.zeros_like(s["c0"])
         w = LayerWeights(s["w_ih"], s["w_hh"], s["b_ih"], s["b_hh"], s["w_hr"])
         has_bias = w.b_ih is not None
+        if not ctx.need_backward:
+            raise RuntimeError(f"rnnext::{cell}_layer_forward was called with need_backward=False, "
+                               "so it saved nothing to compute gradients from")
 
         if torch.is_grad_enabled():
             # A graph of the gradient was asked for (create_graph=True): take the

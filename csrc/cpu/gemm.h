@@ -17,7 +17,9 @@
 #include <dlfcn.h>
 
 #include <climits>
+#include <cstdlib>
 #include <cstring>
+#include <string>
 #include <optional>
 
 namespace rnnext {
@@ -94,7 +96,7 @@ class OneDnnLinear {
 
   OneDnnLinear(const at::Tensor& w, int64_t batch_hint, int64_t rows_for_work) {
     const int64_t work = rows_for_work * w.size(0) * w.size(1);
-    if (w.scalar_type() != at::kFloat || work < kMinWork || !at::hasMKLDNN()) return;
+    if (w.scalar_type() != at::kFloat || work < kMinWork || !enabled()) return;
     static const auto reorder = c10::Dispatcher::singleton().findOp({"mkldnn::_reorder_linear_weight", ""});
     static const auto linear = c10::Dispatcher::singleton().findOp({"mkldnn::_linear_pointwise", ""});
     if (!reorder || !linear) return;
@@ -106,6 +108,15 @@ class OneDnnLinear {
   }
 
   bool available() const { return ok_; }
+
+  // RNNEXT_ONEDNN=0 keeps every product on the BLAS route (for comparisons).
+  static bool enabled() {
+    static const bool on = [] {
+      const char* env = std::getenv("RNNEXT_ONEDNN");
+      return at::hasMKLDNN() && !(env && std::string(env) == "0");
+    }();
+    return on;
+  }
 
   // x [m, k] (rows contiguous) -> new [m, n] tensor.
   at::Tensor operator()(const at::Tensor& x, const std::optional<at::Tensor>& bias = std::nullopt) const {

@@ -19,46 +19,64 @@ struct GruCell {
   static constexpr bool kDirectHiddenGrad = true;
   static int64_t cell_ws_cols(int64_t H) { return 4 * H; }
 
-  template <typename T>
-  static void forward_rows(const ForwardStep<T>& s, int64_t b0, int64_t b1) {
-    const int64_t H = s.H;
-    for (int64_t b = b0; b < b1; ++b) {
-      const T* gi = s.gi + b * s.gi_ld;
-      const T* gh = s.gh + b * s.gh_ld;
-      const T* h_prev = s.ws + b * s.ws_ld;
-      T* gates = s.ws + b * s.ws_ld + s.Hout;
-      T* gh_n = gates + 3 * H;
-      T* h = s.h_out + b * s.h_out_ld;
-      for (int64_t j = 0; j < H; ++j) {
-        const auto a = math::gru_forward<T>(gi[j], gi[H + j], gi[2 * H + j], gh[j], gh[H + j], gh[2 * H + j], h_prev[j]);
-        gates[j] = a.r;
-        gates[H + j] = a.z;
-        gates[2 * H + j] = a.n;
-        gh_n[j] = gh[2 * H + j];
-        h[j] = a.h;
+  // One batch row: gi, gh [3H]; h_prev [H]; saved = the row's workspace columns after h_prev
+  // [r, z, n, gh_n] (4H, written when kSave); h [H]. restrict parameters let the j loop
+  // vectorise.
+  template <typename T, bool kSave>
+  RNNEXT_ALWAYS_INLINE static void forward_row(int64_t H, const T* __restrict__ gi, const T* __restrict__ gh,
+                                               const T* __restrict__ h_prev, T* __restrict__ saved,
+                                               T* __restrict__ h) {
+    for (int64_t j = 0; j < H; ++j) {
+      const auto a = math::gru_forward<T>(gi[j], gi[H + j], gi[2 * H + j], gh[j], gh[H + j], gh[2 * H + j], h_prev[j]);
+      if constexpr (kSave) {
+        saved[j] = a.r;
+        saved[H + j] = a.z;
+        saved[2 * H + j] = a.n;
+        saved[3 * H + j] = gh[2 * H + j];
       }
+      h[j] = a.h;
     }
   }
 
   template <typename T>
-  static void backward_rows(const BackwardStep<T>& s, int64_t b0, int64_t b1) {
-    const int64_t H = s.H;
+  RNNEXT_SIMD_CLONES static void forward_rows(const ForwardStep<T>& s, int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
-      const T* dh = s.dh + b * s.dh_ld;
-      const T* h_prev = s.ws + b * s.ws_ld;
-      const T* gates = h_prev + s.Hout;
-      const T* gh_n = gates + 3 * H;
-      T* d_gi = s.d_gi + b * s.d_gi_ld;
-      T* d_gh = s.d_gh + b * s.d_gh_ld;
-      T* dh_prev = s.dh_prev + b * s.dh_prev_ld;
-      for (int64_t j = 0; j < H; ++j) {
-        const auto d = math::gru_backward<T>(dh[j], gates[j], gates[H + j], gates[2 * H + j], gh_n[j], h_prev[j]);
-        d_gi[j] = d_gh[j] = d.d_r;
-        d_gi[H + j] = d_gh[H + j] = d.d_z;
-        d_gi[2 * H + j] = d.d_gi_n;
-        d_gh[2 * H + j] = d.d_gh_n;
-        dh_prev[j] = d.dh_prev_direct;
+      const T* gi = s.gi + b * s.gi_ld;
+      const T* gh = s.gh + b * s.gh_ld;
+      const T* h_prev = s.h_prev + b * s.Hout;
+      T* h = s.h_out + b * s.h_out_ld;
+      if (s.ws) {
+        forward_row<T, true>(s.H, gi, gh, h_prev, s.ws + b * s.ws_ld + s.Hout, h);
+      } else {
+        forward_row<T, false>(s.H, gi, gh, h_prev, nullptr, h);
       }
+    }
+  }
+
+  // One batch row: dh [H]; h_prev [H] and saved [r, z, n, gh_n] from the workspace; d_gi, d_gh
+  // [3H] (equal but for n); dh_prev [H] receives the direct z * dh term.
+  template <typename T>
+  RNNEXT_ALWAYS_INLINE static void backward_row(int64_t H, const T* __restrict__ dh, const T* __restrict__ h_prev,
+                                                const T* __restrict__ saved, T* __restrict__ d_gi,
+                                                T* __restrict__ d_gh, T* __restrict__ dh_prev) {
+    for (int64_t j = 0; j < H; ++j) {
+      const auto d = math::gru_backward<T>(dh[j], saved[j], saved[H + j], saved[2 * H + j], saved[3 * H + j], h_prev[j]);
+      d_gi[j] = d.d_r;
+      d_gh[j] = d.d_r;
+      d_gi[H + j] = d.d_z;
+      d_gh[H + j] = d.d_z;
+      d_gi[2 * H + j] = d.d_gi_n;
+      d_gh[2 * H + j] = d.d_gh_n;
+      dh_prev[j] = d.dh_prev_direct;
+    }
+  }
+
+  template <typename T>
+  RNNEXT_SIMD_CLONES static void backward_rows(const BackwardStep<T>& s, int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const T* w = s.ws + b * s.ws_ld;
+      backward_row<T>(s.H, s.dh + b * s.dh_ld, w, w + s.Hout, s.d_gi + b * s.d_gi_ld, s.d_gh + b * s.d_gh_ld,
+                      s.dh_prev + b * s.dh_prev_ld);
     }
   }
 };
@@ -66,9 +84,10 @@ struct GruCell {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_layer_forward(const at::Tensor& x, const at::Tensor& h0,
                                                                  const at::Tensor& w_ih, const at::Tensor& w_hh,
                                                                  const OptTensor& b_ih, const OptTensor& b_hh,
-                                                                 const OptTensor& batch_sizes, bool reverse) {
-  auto [y, h_n, c_n, ws] =
-      layer_forward<GruCell>(x, h0, std::nullopt, w_ih, w_hh, b_ih, b_hh, std::nullopt, batch_sizes, reverse);
+                                                                 const OptTensor& batch_sizes, bool reverse,
+                                                                 bool need_backward) {
+  auto [y, h_n, c_n, ws] = layer_forward<GruCell>(x, h0, std::nullopt, w_ih, w_hh, b_ih, b_hh, std::nullopt,
+                                                  batch_sizes, reverse, need_backward);
   return {y, h_n, ws};
 }
 

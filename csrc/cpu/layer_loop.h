@@ -40,7 +40,9 @@ struct ForwardStep {
   int64_t H, Hout;
   const T* gi; int64_t gi_ld;   // [rows, G*H] input projection (+ biases folded in)
   const T* gh; int64_t gh_ld;   // [rows, G*H] h_prev @ W_hh^T (+ b_hh for GRU)
-  T* ws; int64_t ws_ld;         // [rows, ws_cols], h_prev already saved in columns [0, Hout)
+  const T* h_prev;              // [rows, Hout] (leading dimension Hout)
+  T* ws; int64_t ws_ld;         // [rows, ws_cols], h_prev already saved in columns [0, Hout);
+                                // nullptr when no backward will follow (nothing to save)
   T* c_state;                   // [rows, H] LSTM cell state, read as c_prev, written as c
   T* h_out; int64_t h_out_ld;   // [rows, H] new h (LSTM with projection: r, before W_hr)
 };
@@ -57,9 +59,24 @@ struct BackwardStep {
   T* dh_prev; int64_t dh_prev_ld;  // [rows, Hout] GRU writes its direct z * dh term here
 };
 
-// Rows per parallel task: enough elements per task that threading pays for itself.
+// The cells' pointwise passes are compiled for AVX-512, for AVX2 and for baseline x86-64;
+// the loader picks the best the CPU has (GCC function multiversioning), so one build runs
+// everywhere and still uses the widest SIMD where it exists.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
+#define RNNEXT_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define RNNEXT_SIMD_CLONES
+#endif
+#if defined(__GNUC__)
+#define RNNEXT_ALWAYS_INLINE inline __attribute__((always_inline))
+#else
+#define RNNEXT_ALWAYS_INLINE inline
+#endif
+
+// Rows per parallel task: enough gate elements per task (~8K, some microseconds of work)
+// that waking a second thread pays for itself.
 inline int64_t row_grain(int64_t elements_per_row) {
-  return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, elements_per_row));
+  return std::max<int64_t>(1, 8192 / std::max<int64_t>(1, elements_per_row));
 }
 
 // Step layout of a padded or packed sequence.
@@ -165,7 +182,8 @@ inline int64_t ws_cols_of(int64_t cell_cols, const LayerSizes& s) {
 }
 
 // Forward over the whole sequence. Returns y ([T, B, Hout] or [N, Hout]), h_n [B, Hout],
-// c_n [B, H] (undefined for cells without c) and the workspace [N, ws_cols].
+// c_n [B, H] (undefined for cells without c) and the workspace [N, ws_cols] — [0, ws_cols]
+// when need_backward is false: inference writes only what the next step reads.
 //
 // Per step: gh = h_prev @ W_hh^T (one GEMM), then one parallel pointwise pass over the rows
 // (save h_prev, the cell's gates and state, write h), then with a projection y = r @ W_hr^T.
@@ -175,7 +193,8 @@ template <class Cell>
 std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(const Tensor& x_in, const Tensor& h0, const OptTensor& c0,
                                                          const Tensor& w_ih, const Tensor& w_hh, const OptTensor& b_ih,
                                                          const OptTensor& b_hh, const OptTensor& w_hr,
-                                                         const OptTensor& batch_sizes, bool reverse) {
+                                                         const OptTensor& batch_sizes, bool reverse,
+                                                         bool need_backward) {
   const LayerSizes sz = check_weights<Cell>(x_in, w_ih, w_hh, b_ih, b_hh, w_hr);
   check_same(x_in, h0, "h0");
   TORCH_CHECK(h0.dim() == 2, "rnnext: h0 must be 2-D [batch, ", sz.Hout, "], got ", h0.sizes());
@@ -209,7 +228,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(const Tensor& x_in, con
   const OneDnnLinear recurrent_linear(w_hh_c, B, B);
 
   Tensor y = x.new_empty({st.N, Hout});
-  Tensor ws = x.new_empty({st.N, ws_cols});
+  Tensor ws = x.new_empty({need_backward ? st.N : 0, ws_cols});
+  Tensor r_buf = (sz.proj && !need_backward) ? x.new_empty({B, H}) : Tensor();  // o * tanh(c)
   Tensor h_state = h0.contiguous().clone();
   Tensor c_state = Cell::kHasCellState ? c0->contiguous().clone() : Tensor();
   Tensor gh = x.new_empty({B, GH});
@@ -229,7 +249,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(const Tensor& x_in, con
     step.gh_ld = GH;
     step.ws_ld = ws_cols;
     step.c_state = Cell::kHasCellState ? c_state.data_ptr<scalar_t>() : nullptr;
-    step.h_out_ld = sz.proj ? ws_cols : Hout;
+    step.h_prev = h_ptr;
+    step.h_out_ld = sz.proj ? (need_backward ? ws_cols : H) : Hout;
     for (int64_t s = 0; s < st.T; ++s) {
       const int64_t t = reverse ? st.T - 1 - s : s;
       const int64_t rows = st.rows[t], off = st.offset[t];
@@ -246,11 +267,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(const Tensor& x_in, con
         step.gh = gh_ptr;
       }
       step.gi = gi_ptr + off * GH;
-      step.ws = ws_ptr + off * ws_cols;
-      step.h_out = sz.proj ? step.ws + r_col : y_ptr + off * Hout;
+      step.ws = need_backward ? ws_ptr + off * ws_cols : nullptr;
+      step.h_out = !sz.proj ? y_ptr + off * Hout : need_backward ? step.ws + r_col : r_buf.data_ptr<scalar_t>();
       at::parallel_for(0, rows, row_grain(GH), [&](int64_t b0, int64_t b1) {
-        for (int64_t b = b0; b < b1; ++b) {
-          std::memcpy(step.ws + b * ws_cols, h_ptr + b * Hout, sizeof(scalar_t) * Hout);  // save h_prev
+        if (need_backward) {
+          for (int64_t b = b0; b < b1; ++b) {
+            std::memcpy(step.ws + b * ws_cols, h_ptr + b * Hout, sizeof(scalar_t) * Hout);  // save h_prev
+          }
         }
         Cell::template forward_rows<scalar_t>(step, b0, b1);
         if (!sz.proj) {
@@ -262,8 +285,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(const Tensor& x_in, con
       if (sz.proj) {
         // h = r @ W_hr^T: [rows, H] x [H, Hout]
         scalar_t* y_t = y_ptr + off * Hout;
-        gemm<scalar_t>(false, true, rows, Hout, H, step.h_out, ws_cols, w_hr_c.data_ptr<scalar_t>(), H, false, y_t,
-                       Hout);
+        gemm<scalar_t>(false, true, rows, Hout, H, step.h_out, step.h_out_ld, w_hr_c.data_ptr<scalar_t>(), H, false,
+                       y_t, Hout);
         std::memcpy(h_ptr, y_t, sizeof(scalar_t) * rows * Hout);
       }
     }

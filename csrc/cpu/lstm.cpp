@@ -19,59 +19,78 @@ struct LstmCell {
   static constexpr bool kDirectHiddenGrad = false;
   static int64_t cell_ws_cols(int64_t H) { return 6 * H; }
 
-  template <typename T>
-  static void forward_rows(const ForwardStep<T>& s, int64_t b0, int64_t b1) {
-    const int64_t H = s.H;
-    for (int64_t b = b0; b < b1; ++b) {
-      const T* gi = s.gi + b * s.gi_ld;
-      const T* gh = s.gh + b * s.gh_ld;
-      T* c_prev_saved = s.ws + b * s.ws_ld + s.Hout;
-      T* gates = c_prev_saved + H;
-      T* c_saved = gates + 4 * H;
-      T* c = s.c_state + b * H;
-      T* h = s.h_out + b * s.h_out_ld;
-      for (int64_t j = 0; j < H; ++j) {
-        const auto a = math::lstm_forward<T>(gi[j] + gh[j], gi[H + j] + gh[H + j], gi[2 * H + j] + gh[2 * H + j],
-                                             gi[3 * H + j] + gh[3 * H + j], c[j]);
-        c_prev_saved[j] = c[j];
-        gates[j] = a.i;
-        gates[H + j] = a.f;
-        gates[2 * H + j] = a.g;
-        gates[3 * H + j] = a.o;
-        c_saved[j] = a.c;
-        c[j] = a.c;
-        h[j] = a.h;
+  // One batch row: gi, gh [4H]; c [H] in/out; the row's workspace after h_prev, as separate
+  // [H] blocks c_prev, i, f, g, o, c_new; h [H]. restrict parameters, one per written block,
+  // let the j loop vectorise.
+  template <typename T, bool kSave>
+  RNNEXT_ALWAYS_INLINE static void forward_row(int64_t H, const T* __restrict__ gi, const T* __restrict__ gh,
+                                               T* __restrict__ c, T* __restrict__ c_prev_out, T* __restrict__ i_out,
+                                               T* __restrict__ f_out, T* __restrict__ g_out, T* __restrict__ o_out,
+                                               T* __restrict__ c_out, T* __restrict__ h) {
+    for (int64_t j = 0; j < H; ++j) {
+      const T c_prev = c[j];
+      const auto a = math::lstm_forward<T>(gi[j] + gh[j], gi[H + j] + gh[H + j], gi[2 * H + j] + gh[2 * H + j],
+                                           gi[3 * H + j] + gh[3 * H + j], c_prev);
+      if constexpr (kSave) {
+        c_prev_out[j] = c_prev;
+        i_out[j] = a.i;
+        f_out[j] = a.f;
+        g_out[j] = a.g;
+        o_out[j] = a.o;
+        c_out[j] = a.c;
       }
+      c[j] = a.c;
+      h[j] = a.h;
     }
   }
 
   template <typename T>
-  static void backward_rows(const BackwardStep<T>& s, int64_t b0, int64_t b1) {
+  RNNEXT_SIMD_CLONES static void forward_rows(const ForwardStep<T>& s, int64_t b0, int64_t b1) {
     const int64_t H = s.H;
     for (int64_t b = b0; b < b1; ++b) {
-      const T* dh = s.dh + b * s.dh_ld;
-      const T* c_prev = s.ws + b * s.ws_ld + s.Hout;
-      const T* gates = c_prev + H;
-      const T* c = gates + 4 * H;
-      T* dc = s.dc_state + b * H;
-      T* d_gates = s.d_gi + b * s.d_gi_ld;
-      for (int64_t j = 0; j < H; ++j) {
-        const auto d = math::lstm_backward<T>(dh[j], dc[j], gates[j], gates[H + j], gates[2 * H + j],
-                                              gates[3 * H + j], c[j], c_prev[j]);
-        d_gates[j] = d.d_i;
-        d_gates[H + j] = d.d_f;
-        d_gates[2 * H + j] = d.d_g;
-        d_gates[3 * H + j] = d.d_o;
-        dc[j] = d.d_c_prev;
+      const T* gi = s.gi + b * s.gi_ld;
+      const T* gh = s.gh + b * s.gh_ld;
+      T* c = s.c_state + b * H;
+      T* h = s.h_out + b * s.h_out_ld;
+      if (s.ws) {
+        T* w = s.ws + b * s.ws_ld + s.Hout;
+        forward_row<T, true>(H, gi, gh, c, w, w + H, w + 2 * H, w + 3 * H, w + 4 * H, w + 5 * H, h);
+      } else {
+        forward_row<T, false>(H, gi, gh, c, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, h);
       }
+    }
+  }
+
+  // One batch row: dh [H]; dc [H] in (gradient of c_t) / out (of c_prev); saved as above;
+  // d_gates [4H] gradients of the pre-activations i, f, g, o.
+  template <typename T>
+  RNNEXT_ALWAYS_INLINE static void backward_row(int64_t H, const T* __restrict__ dh, T* __restrict__ dc,
+                                                const T* __restrict__ saved, T* __restrict__ d_gates) {
+    for (int64_t j = 0; j < H; ++j) {
+      const auto d = math::lstm_backward<T>(dh[j], dc[j], saved[H + j], saved[2 * H + j], saved[3 * H + j],
+                                            saved[4 * H + j], saved[5 * H + j], saved[j]);
+      d_gates[j] = d.d_i;
+      d_gates[H + j] = d.d_f;
+      d_gates[2 * H + j] = d.d_g;
+      d_gates[3 * H + j] = d.d_o;
+      dc[j] = d.d_c_prev;
+    }
+  }
+
+  template <typename T>
+  RNNEXT_SIMD_CLONES static void backward_rows(const BackwardStep<T>& s, int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      backward_row<T>(s.H, s.dh + b * s.dh_ld, s.dc_state + b * s.H, s.ws + b * s.ws_ld + s.Hout,
+                      s.d_gi + b * s.d_gi_ld);
     }
   }
 };
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_forward(
     const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
-    const OptTensor& b_ih, const OptTensor& b_hh, const OptTensor& w_hr, const OptTensor& batch_sizes, bool reverse) {
-  return layer_forward<LstmCell>(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse);
+    const OptTensor& b_ih, const OptTensor& b_hh, const OptTensor& w_hr, const OptTensor& batch_sizes, bool reverse,
+    bool need_backward) {
+  return layer_forward<LstmCell>(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse, need_backward);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>

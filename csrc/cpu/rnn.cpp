@@ -19,27 +19,35 @@ struct RnnCell {
   static constexpr bool kDirectHiddenGrad = false;
   static int64_t cell_ws_cols(int64_t) { return 0; }
 
+  // One batch row: pre-activations gi + gh [H] -> h [H]. restrict lets the j loop vectorise.
   template <typename T>
-  static void forward_rows(const ForwardStep<T>& s, int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      const T* gi = s.gi + b * s.gi_ld;
-      const T* gh = s.gh + b * s.gh_ld;
-      T* h = s.h_out + b * s.h_out_ld;
-      for (int64_t j = 0; j < s.H; ++j) {
-        h[j] = kRelu ? math::rnn_relu_forward<T>(gi[j] + gh[j]) : math::rnn_tanh_forward<T>(gi[j] + gh[j]);
-      }
+  RNNEXT_ALWAYS_INLINE static void forward_row(int64_t H, const T* __restrict__ gi, const T* __restrict__ gh,
+                                               T* __restrict__ h) {
+    for (int64_t j = 0; j < H; ++j) {
+      h[j] = kRelu ? math::rnn_relu_forward<T>(gi[j] + gh[j]) : math::rnn_tanh_forward<T>(gi[j] + gh[j]);
     }
   }
 
   template <typename T>
-  static void backward_rows(const BackwardStep<T>& s, int64_t b0, int64_t b1) {
+  RNNEXT_SIMD_CLONES static void forward_rows(const ForwardStep<T>& s, int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
-      const T* dh = s.dh + b * s.dh_ld;
-      const T* h = s.y + b * s.y_ld;
-      T* d_pre = s.d_gi + b * s.d_gi_ld;
-      for (int64_t j = 0; j < s.H; ++j) {
-        d_pre[j] = kRelu ? math::rnn_relu_backward<T>(dh[j], h[j]) : math::rnn_tanh_backward<T>(dh[j], h[j]);
-      }
+      forward_row<T>(s.H, s.gi + b * s.gi_ld, s.gh + b * s.gh_ld, s.h_out + b * s.h_out_ld);
+    }
+  }
+
+  // One batch row: dh [H] and the step's output h [H] -> d pre-activation [H].
+  template <typename T>
+  RNNEXT_ALWAYS_INLINE static void backward_row(int64_t H, const T* __restrict__ dh, const T* __restrict__ h,
+                                                T* __restrict__ d_pre) {
+    for (int64_t j = 0; j < H; ++j) {
+      d_pre[j] = kRelu ? math::rnn_relu_backward<T>(dh[j], h[j]) : math::rnn_tanh_backward<T>(dh[j], h[j]);
+    }
+  }
+
+  template <typename T>
+  RNNEXT_SIMD_CLONES static void backward_rows(const BackwardStep<T>& s, int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      backward_row<T>(s.H, s.dh + b * s.dh_ld, s.y + b * s.y_ld, s.d_gi + b * s.d_gi_ld);
     }
   }
 };
@@ -48,9 +56,10 @@ template <bool kRelu>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> rnn_layer_forward(const at::Tensor& x, const at::Tensor& h0,
                                                                  const at::Tensor& w_ih, const at::Tensor& w_hh,
                                                                  const OptTensor& b_ih, const OptTensor& b_hh,
-                                                                 const OptTensor& batch_sizes, bool reverse) {
+                                                                 const OptTensor& batch_sizes, bool reverse,
+                                                                 bool need_backward) {
   auto [y, h_n, c_n, ws] = layer_forward<RnnCell<kRelu>>(x, h0, std::nullopt, w_ih, w_hh, b_ih, b_hh, std::nullopt,
-                                                         batch_sizes, reverse);
+                                                         batch_sizes, reverse, need_backward);
   return {y, h_n, ws};
 }
 
