@@ -35,12 +35,16 @@ class LayerWeights(NamedTuple):
     w_hr: Optional[Tensor]  # [Hout, H] (weight_hr_l{k}, LSTM with proj_size)
 
 
+_FORWARD_OPS = {cell: getattr(torch.ops.rnnext, f"{cell}_layer_forward").default for cell in CELLS}
+_BACKWARD_OPS = {cell: getattr(torch.ops.rnnext, f"{cell}_layer_backward").default for cell in CELLS}
+
+
 def _forward_op(cell):
-    return getattr(torch.ops.rnnext, f"{cell}_layer_forward").default
+    return _FORWARD_OPS[cell]
 
 
 def _backward_op(cell):
-    return getattr(torch.ops.rnnext, f"{cell}_layer_backward").default
+    return _BACKWARD_OPS[cell]
 
 
 def layer_forward(cell: str, x: Tensor, h0: Tensor, c0: Optional[Tensor], w: LayerWeights,
@@ -52,13 +56,24 @@ def layer_forward(cell: str, x: Tensor, h0: Tensor, c0: Optional[Tensor], w: Lay
     """
     need_backward = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, h0, c0, *w))
+    op = _forward_op(cell)
     if cell == "lstm":
-        y, h_n, c_n, _ = _forward_op(cell)(x, h0, c0, w.w_ih, w.w_hh, w.b_ih, w.b_hh, w.w_hr,
-                                           batch_sizes, reverse, need_backward)
-        return y, h_n, c_n
-    y, h_n, _ = _forward_op(cell)(x, h0, w.w_ih, w.w_hh, w.b_ih, w.b_hh, batch_sizes, reverse,
-                                  need_backward)
-    return y, h_n, None
+        args = (x, h0, c0, w.w_ih, w.w_hh, w.b_ih, w.b_hh, w.w_hr, batch_sizes, reverse, need_backward)
+    else:
+        args = (x, h0, w.w_ih, w.w_hh, w.b_ih, w.b_hh, batch_sizes, reverse, need_backward)
+    if need_backward or _is_compiling():
+        out = op(*args)
+    else:
+        # Nothing will be recorded: go straight to the kernel, past the Python autograd
+        # formula (about 20 us a call, which matters for short sequences).
+        with torch._C._AutoDispatchBelowAutograd():
+            out = op(*args)
+    return out[0], out[1], (out[2] if cell == "lstm" else None)
+
+
+def _is_compiling() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
 
 
 # ---------------------------------------------------------------- fake (meta) kernels
@@ -127,6 +142,9 @@ def _register_autograd(cell):
         ctx.need_backward = args.get("need_backward", True)
         ctx.save_for_backward(*(args.get(k) for k in _SAVED))
         ctx.mark_non_differentiable(output[-1])
+        # Unused outputs get None rather than a materialised zero tensor (the workspace alone
+        # is N x ws_cols); backward fills in the zeros it needs.
+        ctx.set_materialize_grads(False)
 
     def backward(ctx, *grads):
         s = dict(zip(_SAVED, ctx.saved_tensors))

@@ -38,4 +38,8 @@ def rnn_stack(cell: str, x: Tensor, batch_sizes: Optional[Tensor], h0: Tensor, c
         layer_input = outputs[0] if num_directions == 1 else torch.cat(outputs, -1)
         if dropout > 0 and training and layer < num_layers - 1:
             layer_input = F.dropout(layer_input, dropout, training=True)
-    return layer_input, torch.stack(h_n), (torch.stack(c_n) if c0 is not None else None)
+    return layer_input, _stack(h_n), (_stack(c_n) if c0 is not None else None)
+
+
+def _stack(states):
+    return states[0].unsqueeze(0) if len(states) == 1 else torch.stack(states)

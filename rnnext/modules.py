@@ -187,7 +187,9 @@ class RNNBase(nn.Module):
         of another shape, dtype or device fails here with its name, not deep in a GEMM."""
         weights = []
         first = self.weight_ih_l0
-        shapes = self._expected_shapes()
+        shapes = self.__dict__.get("_param_shapes")
+        if shapes is None:  # computed once; the configuration does not change
+            shapes = self.__dict__["_param_shapes"] = self._expected_shapes()
         for names in self._all_weights:
             p = [getattr(self, n) for n in names]
             for name, w in zip(names, p):

@@ -22,6 +22,20 @@
 #include <string>
 #include <optional>
 
+// Loops that should run at SIMD width are compiled for AVX-512, for AVX2 and for baseline
+// x86-64; the loader picks the best the CPU has (GCC function multiversioning), so one build
+// runs everywhere and still uses the widest SIMD where it exists.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
+#define RNNEXT_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define RNNEXT_SIMD_CLONES
+#endif
+#if defined(__GNUC__)
+#define RNNEXT_ALWAYS_INLINE inline __attribute__((always_inline))
+#else
+#define RNNEXT_ALWAYS_INLINE inline
+#endif
+
 namespace rnnext {
 namespace cpu {
 
@@ -87,16 +101,41 @@ void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const T* 
   }
 }
 
+// Rows up to which small_gemm_nn beats a BLAS call (measured: a [1, 64] x [64, 256] product
+// costs a few microseconds through sgemm, mostly call overhead, and a fraction of one here).
+constexpr int64_t kSmallGemmRows = 4;
+
+template <typename T>
+RNNEXT_ALWAYS_INLINE void axpy(int64_t n, T alpha, const T* __restrict__ x, T* __restrict__ y) {
+  for (int64_t j = 0; j < n; ++j) y[j] += alpha * x[j];
+}
+
+// Row-major C[m, n] = A[m, k] @ B[k, n] (+ C when accumulate), for a few rows: each row of C
+// is k axpys over contiguous rows of B, at SIMD width, always in the same order
+// (deterministic).
+template <typename T>
+RNNEXT_SIMD_CLONES void small_gemm_nn(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b,
+                                      int64_t ldb, bool accumulate, T* c, int64_t ldc) {
+  for (int64_t i = 0; i < m; ++i) {
+    T* ci = c + i * ldc;
+    if (!accumulate) std::memset(ci, 0, sizeof(T) * n);
+    for (int64_t p = 0; p < k; ++p) axpy<T>(n, a[i * lda + p], b + p * ldb, ci);
+  }
+}
+
 // y = x @ W^T through oneDNN, W [n, k] prepacked at construction. Usable only when
 // available() (float32, a torch build with the mkldnn ops); callers keep the BLAS route.
 class OneDnnLinear {
  public:
-  // Products of at least this many multiply-adds per call go to oneDNN.
+  // Products of at least kMinWork multiply-adds per call go to oneDNN, where its speed pays
+  // for its call cost; above kMaxWork (one-shot products of several GFLOP, e.g. the input
+  // projection of a large layer) the BLAS measured faster on the AVX2 machines we bench.
   static constexpr int64_t kMinWork = int64_t(1) << 21;
+  static constexpr int64_t kMaxWork = int64_t(1) << 32;
 
   OneDnnLinear(const at::Tensor& w, int64_t batch_hint, int64_t rows_for_work) {
     const int64_t work = rows_for_work * w.size(0) * w.size(1);
-    if (w.scalar_type() != at::kFloat || work < kMinWork || !enabled()) return;
+    if (w.scalar_type() != at::kFloat || work < kMinWork || work > kMaxWork || !enabled()) return;
     static const auto reorder = c10::Dispatcher::singleton().findOp({"mkldnn::_reorder_linear_weight", ""});
     static const auto linear = c10::Dispatcher::singleton().findOp({"mkldnn::_linear_pointwise", ""});
     if (!reorder || !linear) return;

@@ -59,20 +59,6 @@ struct BackwardStep {
   T* dh_prev; int64_t dh_prev_ld;  // [rows, Hout] GRU writes its direct z * dh term here
 };
 
-// The cells' pointwise passes are compiled for AVX-512, for AVX2 and for baseline x86-64;
-// the loader picks the best the CPU has (GCC function multiversioning), so one build runs
-// everywhere and still uses the widest SIMD where it exists.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
-#define RNNEXT_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define RNNEXT_SIMD_CLONES
-#endif
-#if defined(__GNUC__)
-#define RNNEXT_ALWAYS_INLINE inline __attribute__((always_inline))
-#else
-#define RNNEXT_ALWAYS_INLINE inline
-#endif
-
 // Rows per parallel task: enough gate elements per task (~8K, some microseconds of work)
 // that waking a second thread pays for itself.
 inline int64_t row_grain(int64_t elements_per_row) {
@@ -213,6 +199,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(const Tensor& x_in, con
   const Tensor x = x_in.contiguous().view({st.N, sz.I});
   const Tensor w_hh_c = w_hh.contiguous();
   const Tensor w_hr_c = sz.proj ? w_hr->contiguous() : Tensor();
+  // For a few rows per step the products skip the BLAS (small_gemm_nn), which wants the
+  // weights transposed: W_hh^T [Hout, G*H], W_hr^T [H, Hout].
+  const bool small_rows = B <= kSmallGemmRows;
+  const Tensor w_hh_t = small_rows ? w_hh_c.t().contiguous() : Tensor();
+  const Tensor w_hr_t = small_rows && sz.proj ? w_hr_c.t().contiguous() : Tensor();
   // gi = x @ W_ih^T + b_ih (+ b_hh when the cell adds it outside the recurrence), all steps.
   OptTensor gi_bias;
   if (b_ih.has_value()) gi_bias = Cell::kRecurrentBias ? *b_ih : (*b_ih + *b_hh);
@@ -263,7 +254,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(const Tensor& x_in, con
         if (gh_bias) {
           for (int64_t b = 0; b < rows; ++b) std::memcpy(gh_ptr + b * GH, b_hh_ptr, sizeof(scalar_t) * GH);
         }
-        gemm<scalar_t>(false, true, rows, GH, Hout, h_ptr, Hout, w_hh_ptr, Hout, gh_bias, gh_ptr, GH);
+        if (small_rows) {
+          small_gemm_nn<scalar_t>(rows, GH, Hout, h_ptr, Hout, w_hh_t.data_ptr<scalar_t>(), GH, gh_bias, gh_ptr, GH);
+        } else {
+          gemm<scalar_t>(false, true, rows, GH, Hout, h_ptr, Hout, w_hh_ptr, Hout, gh_bias, gh_ptr, GH);
+        }
         step.gh = gh_ptr;
       }
       step.gi = gi_ptr + off * GH;
@@ -285,8 +280,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(const Tensor& x_in, con
       if (sz.proj) {
         // h = r @ W_hr^T: [rows, H] x [H, Hout]
         scalar_t* y_t = y_ptr + off * Hout;
-        gemm<scalar_t>(false, true, rows, Hout, H, step.h_out, step.h_out_ld, w_hr_c.data_ptr<scalar_t>(), H, false,
-                       y_t, Hout);
+        if (small_rows) {
+          small_gemm_nn<scalar_t>(rows, Hout, H, step.h_out, step.h_out_ld, w_hr_t.data_ptr<scalar_t>(), Hout, false,
+                                  y_t, Hout);
+        } else {
+          gemm<scalar_t>(false, true, rows, Hout, H, step.h_out, step.h_out_ld, w_hr_c.data_ptr<scalar_t>(), H,
+                         false, y_t, Hout);
+        }
         std::memcpy(h_ptr, y_t, sizeof(scalar_t) * rows * Hout);
       }
     }
@@ -371,7 +371,11 @@ std::vector<Tensor> layer_backward(const Tensor& grad_y_in, const Tensor& grad_h
         // dh = dh_state + grad_y[t], kept for dW_hr; dr = dh @ W_hr: [rows, Hout] x [Hout, H]
         scalar_t* dh_t = dh_all.data_ptr<scalar_t>() + off * Hout;
         for (int64_t i = 0; i < rows * Hout; ++i) dh_t[i] = dh_state_ptr[i] + grad_y_t[i];
-        gemm<scalar_t>(false, false, rows, H, Hout, dh_t, Hout, w_hr_c.data_ptr<scalar_t>(), H, false, dh_buf_ptr, H);
+        if (rows <= kSmallGemmRows) {
+          small_gemm_nn<scalar_t>(rows, H, Hout, dh_t, Hout, w_hr_c.data_ptr<scalar_t>(), H, false, dh_buf_ptr, H);
+        } else {
+          gemm<scalar_t>(false, false, rows, H, Hout, dh_t, Hout, w_hr_c.data_ptr<scalar_t>(), H, false, dh_buf_ptr, H);
+        }
       }
       step.ws = ws.data_ptr<scalar_t>() + off * ws_cols;
       step.y = y.data_ptr<scalar_t>() + off * Hout;
@@ -393,6 +397,9 @@ std::vector<Tensor> layer_backward(const Tensor& grad_y_in, const Tensor& grad_h
         } else {
           dst.copy_(prod);
         }
+      } else if (rows <= kSmallGemmRows) {
+        small_gemm_nn<scalar_t>(rows, Hout, GH, step.d_gh, GH, w_hh_ptr, Hout, Cell::kDirectHiddenGrad, dh_state_ptr,
+                                Hout);
       } else {
         gemm<scalar_t>(false, false, rows, Hout, GH, step.d_gh, GH, w_hh_ptr, Hout, Cell::kDirectHiddenGrad,
                        dh_state_ptr, Hout);
