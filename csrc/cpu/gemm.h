@@ -105,21 +105,34 @@ void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const T* 
 // costs a few microseconds through sgemm, mostly call overhead, and a fraction of one here).
 constexpr int64_t kSmallGemmRows = 4;
 
-template <typename T>
-RNNEXT_ALWAYS_INLINE void axpy(int64_t n, T alpha, const T* __restrict__ x, T* __restrict__ y) {
-  for (int64_t j = 0; j < n; ++j) y[j] += alpha * x[j];
+// Row-major C[m, n] = A[m, k] @ B[k, n] (+ C when accumulate), for a few rows. Each block of
+// kBlock columns of a row of C is accumulated in registers over all k (an unrolled,
+// vectorised inner loop over a contiguous slice of a row of B), then stored once. The order
+// of the sums is fixed, so results are deterministic.
+template <typename T, int kBlock>
+RNNEXT_ALWAYS_INLINE void small_gemm_block(int64_t k, const T* __restrict__ a, const T* __restrict__ b, int64_t ldb,
+                                           bool accumulate, T* __restrict__ c) {
+  T acc[kBlock];
+  for (int jj = 0; jj < kBlock; ++jj) acc[jj] = accumulate ? c[jj] : T(0);
+  for (int64_t p = 0; p < k; ++p) {
+    const T ap = a[p];
+    const T* __restrict__ bp = b + p * ldb;
+    for (int jj = 0; jj < kBlock; ++jj) acc[jj] += ap * bp[jj];
+  }
+  for (int jj = 0; jj < kBlock; ++jj) c[jj] = acc[jj];
 }
 
-// Row-major C[m, n] = A[m, k] @ B[k, n] (+ C when accumulate), for a few rows: each row of C
-// is k axpys over contiguous rows of B, at SIMD width, always in the same order
-// (deterministic).
 template <typename T>
 RNNEXT_SIMD_CLONES void small_gemm_nn(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b,
                                       int64_t ldb, bool accumulate, T* c, int64_t ldc) {
+  constexpr int kBlock = sizeof(T) == 4 ? 64 : 32;
   for (int64_t i = 0; i < m; ++i) {
+    const T* ai = a + i * lda;
     T* ci = c + i * ldc;
-    if (!accumulate) std::memset(ci, 0, sizeof(T) * n);
-    for (int64_t p = 0; p < k; ++p) axpy<T>(n, a[i * lda + p], b + p * ldb, ci);
+    int64_t j = 0;
+    for (; j + kBlock <= n; j += kBlock) small_gemm_block<T, kBlock>(k, ai, b + j, ldb, accumulate, ci + j);
+    for (; j + 8 <= n; j += 8) small_gemm_block<T, 8>(k, ai, b + j, ldb, accumulate, ci + j);
+    for (; j < n; ++j) small_gemm_block<T, 1>(k, ai, b + j, ldb, accumulate, ci + j);
   }
 }
 
