@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from torch.nn import init
 from torch.nn.utils.rnn import PackedSequence
 
-from ._ops import LayerWeights, layer_forward
+from ._ops import GATES, LayerWeights, layer_forward
 from .functional import rnn_stack
 
 _GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
@@ -34,7 +34,20 @@ def _apply_permutation(tensor: Tensor, permutation: Tensor, dim: int = 1) -> Ten
     return tensor.index_select(dim, permutation)
 
 
-class RNNBase(nn.Module):
+class _FromTorch:
+    @classmethod
+    def from_torch(cls, module: nn.Module):
+        """A new rnnext module with the configuration, device, dtype, training mode and weights
+        of the matching torch.nn module (``rnnext.LSTM.from_torch(torch.nn.LSTM(...))``)."""
+        from .utils import from_torch
+
+        made = from_torch(module)
+        if not isinstance(made, cls):
+            raise TypeError(f"{cls.__name__}.from_torch got a {type(module).__name__}")
+        return made
+
+
+class RNNBase(_FromTorch, nn.Module):
     """What RNN, LSTM and GRU share: parameters, checks, input forms, layer stacking."""
 
     __constants__ = ["mode", "input_size", "hidden_size", "num_layers", "bias", "batch_first",
@@ -150,16 +163,6 @@ class RNNBase(nn.Module):
         if self.bidirectional is not False:
             s += ", bidirectional={bidirectional}"
         return s.format(**self.__dict__)
-
-    @classmethod
-    def from_torch(cls, module: nn.Module) -> "RNNBase":
-        """A new rnnext module with the configuration, device, dtype and weights of a torch.nn one."""
-        from .utils import from_torch
-
-        made = from_torch(module)
-        if not isinstance(made, cls):
-            raise TypeError(f"{cls.__name__}.from_torch got a {type(module).__name__}")
-        return made
 
     # ------------------------------------------------------------ forward
     @property
@@ -375,7 +378,7 @@ class GRU(RNNBase):
 
 
 # ---------------------------------------------------------------------------- cells
-class RNNCellBase(nn.Module):
+class RNNCellBase(_FromTorch, nn.Module):
     """What RNNCell, LSTMCell and GRUCell share. One step is rnnext's layer op over a
     one-step sequence, so cells run the same kernels, forward and backward, as the layers."""
 
@@ -412,16 +415,6 @@ class RNNCellBase(nn.Module):
         for weight in self.parameters():
             init.uniform_(weight, -stdv, stdv)
 
-    @classmethod
-    def from_torch(cls, module: nn.Module) -> "RNNCellBase":
-        """A new rnnext cell with the configuration, device, dtype and weights of a torch.nn one."""
-        from .utils import from_torch
-
-        made = from_torch(module)
-        if not isinstance(made, cls):
-            raise TypeError(f"{cls.__name__}.from_torch got a {type(module).__name__}")
-        return made
-
     def _check(self, input: Tensor, states) -> None:
         """torch.nn's cell checks and exception types (RuntimeError for sizes and dtypes)."""
         if input.size(1) != self.input_size:
@@ -439,7 +432,7 @@ class RNNCellBase(nn.Module):
             if t.dtype != weight.dtype or t.device != weight.device:
                 raise RuntimeError(f"{name} has dtype {t.dtype} on {t.device}, but the weights have "
                                    f"dtype {weight.dtype} on {weight.device}")
-        g = _CELL_GATES[self._cell]
+        g = GATES[self._cell]
         expected = {"weight_ih": (g * self.hidden_size, self.input_size),
                     "weight_hh": (g * self.hidden_size, self.hidden_size),
                     "bias_ih": (g * self.hidden_size,), "bias_hh": (g * self.hidden_size,)}
@@ -462,8 +455,6 @@ class RNNCellBase(nn.Module):
         is_batched = input.dim() == 2
         return (input if is_batched else input.unsqueeze(0)), is_batched
 
-
-_CELL_GATES = {"rnn_tanh": 1, "rnn_relu": 1, "gru": 3, "lstm": 4}
 
 
 class RNNCell(RNNCellBase):
