@@ -762,21 +762,23 @@ def _backward_args(cell: str, packed_input: bool = False) -> Dict[str, object]:
     y, h_n, ws = out[0], out[1], out[-1]
     return dict(grad_y=torch.ones_like(y), grad_h_n=torch.ones_like(h_n), grad_c_n=torch.ones(B, H),
                 x=a["x"], w_ih=a["w_ih"], w_hh=a["w_hh"], w_hr=None, batch_sizes=a["batch_sizes"],
-                reverse=False, has_bias=True, y=y, ws=ws)
+                reverse=False, has_bias=True, y=y, ws=ws, h0=a["h0"])
 
 
 def call_backward_op(cell: str, a: Dict[str, object]):
     if cell == "lstm":
         return torch.ops.rnnext.lstm_layer_backward(
             a["grad_y"], a["grad_h_n"], a["grad_c_n"], a["x"], a["w_ih"], a["w_hh"], a["w_hr"],
-            a["batch_sizes"], a["reverse"], a["has_bias"], a["y"], a["ws"])
+            a["batch_sizes"], a["reverse"], a["has_bias"], a["y"], a["ws"], a["h0"])
     op = getattr(torch.ops.rnnext, f"{cell}_layer_backward")
     return op(a["grad_y"], a["grad_h_n"], a["x"], a["w_ih"], a["w_hh"], a["batch_sizes"], a["reverse"],
-              a["has_bias"], a["y"], a["ws"])
+              a["has_bias"], a["y"], a["ws"], a["h0"])
 
 
 BACKWARD_OP_CASES = [
     ("workspace_rows", False, None, _set(ws=lambda a, g: a["ws"][:-1]), ["workspace"]),
+    ("h0_hidden", False, None, _set(h0=lambda a, g: torch.ones(B, H + 1)), ["h0"]),
+    ("h0_float64", False, None, _set(h0=lambda a, g: a["h0"].double()), ["h0"]),
     ("workspace_cols", False, None, _set(ws=lambda a, g: torch.zeros(a["ws"].shape[0], a["ws"].shape[1] + 1)), ["workspace"]),
     ("workspace_flat", False, None, _set(ws=lambda a, g: a["ws"].flatten()), ["workspace"]),
     ("workspace_empty", False, None, _set(ws=lambda a, g: torch.empty(0)), ["workspace"]),

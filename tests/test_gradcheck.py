@@ -150,10 +150,10 @@ def backward_args(cell, *, bias, reverse, proj):
     if cell == "lstm":
         x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, rev = fwd
         y, h_n, c_n, ws = outs
-        return (r(y), r(h_n), r(c_n), x, w_ih, w_hh, w_hr, batch_sizes, rev, bias, y, ws)
+        return (r(y), r(h_n), r(c_n), x, w_ih, w_hh, w_hr, batch_sizes, rev, bias, y, ws, h0)
     x, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, rev = fwd
     y, h_n, ws = outs
-    return (r(y), r(h_n), x, w_ih, w_hh, batch_sizes, rev, bias, y, ws)
+    return (r(y), r(h_n), x, w_ih, w_hh, batch_sizes, rev, bias, y, ws, h0)
 
 
 # The backward ops have no autograd formula of their own (they are not differentiated:

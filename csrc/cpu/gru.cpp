@@ -1,6 +1,6 @@
 // GRU on the CPU: the cell policy for layer_loop.h and the op registrations.
 //
-// Workspace columns after h_prev: [ r z n (3H) | gh_n (H) ]. b_hh stays in the recurrent GEMM
+// Workspace columns: [ r z n (3H) | gh_n (H) ]. b_hh stays in the recurrent GEMM
 // (gh = h_prev W_hh^T + b_hh) because r multiplies gh_n = W_hn h_prev + b_hn.
 #include <torch/library.h>
 
@@ -19,7 +19,7 @@ struct GruCell {
   static constexpr bool kDirectHiddenGrad = true;
   static int64_t cell_ws_cols(int64_t H) { return 4 * H; }
 
-  // One batch row: gi, gh [3H]; h_prev [H]; saved = the row's workspace columns after h_prev
+  // One batch row: gi, gh [3H]; h_prev [H]; saved = the row's workspace columns
   // [r, z, n, gh_n] (4H, written when kSave); h [H]. restrict parameters let the j loop
   // vectorise.
   template <typename T, bool kSave>
@@ -46,14 +46,14 @@ struct GruCell {
       const T* h_prev = s.h_prev + b * s.Hout;
       T* h = s.h_out + b * s.h_out_ld;
       if (s.ws) {
-        forward_row<T, true>(s.H, gi, gh, h_prev, s.ws + b * s.ws_ld + s.Hout, h);
+        forward_row<T, true>(s.H, gi, gh, h_prev, s.ws + b * s.ws_ld, h);
       } else {
         forward_row<T, false>(s.H, gi, gh, h_prev, nullptr, h);
       }
     }
   }
 
-  // One batch row: dh [H]; h_prev [H] and saved [r, z, n, gh_n] from the workspace; d_gi, d_gh
+  // One batch row: dh [H]; h_prev [H]; saved [r, z, n, gh_n] from the workspace; d_gi, d_gh
   // [3H] (equal but for n); dh_prev [H] receives the direct z * dh term.
   template <typename T>
   RNNEXT_ALWAYS_INLINE static void backward_row(int64_t H, const T* __restrict__ dh, const T* __restrict__ h_prev,
@@ -74,8 +74,8 @@ struct GruCell {
   template <typename T>
   RNNEXT_SIMD_CLONES static void backward_rows(const BackwardStep<T>& s, int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
-      const T* w = s.ws + b * s.ws_ld;
-      backward_row<T>(s.H, s.dh + b * s.dh_ld, w, w + s.Hout, s.d_gi + b * s.d_gi_ld, s.d_gh + b * s.d_gh_ld,
+      backward_row<T>(s.H, s.dh + b * s.dh_ld, s.h_prev + b * s.Hout, s.ws + b * s.ws_ld, s.d_gi + b * s.d_gi_ld,
+                      s.d_gh + b * s.d_gh_ld,
                       s.dh_prev + b * s.dh_prev_ld);
     }
   }
@@ -94,9 +94,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_layer_forward(const at::Tenso
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_layer_backward(
     const at::Tensor& grad_y, const at::Tensor& grad_h_n, const at::Tensor& x, const at::Tensor& w_ih,
     const at::Tensor& w_hh, const OptTensor& batch_sizes, bool reverse, bool has_bias, const at::Tensor& y,
-    const at::Tensor& workspace) {
+    const at::Tensor& workspace, const at::Tensor& h0) {
   auto g = layer_backward<GruCell>(grad_y, grad_h_n, std::nullopt, x, w_ih, w_hh, std::nullopt, batch_sizes, reverse,
-                                   has_bias, y, workspace);
+                                   has_bias, y, workspace, h0);
   return {g[0], g[1], g[3], g[4], g[5], g[6]};
 }
 

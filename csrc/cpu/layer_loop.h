@@ -13,8 +13,9 @@
 // row's latest h; rows past their end are simply not touched, so their state stays final
 // (forward direction) or still the initial one (reverse direction).
 //
-// Workspace [N, ws_cols], everything backward needs, one row per sequence row:
-//   [ h_prev (Hout) | cell's own columns (Cell::cell_ws_cols) | r = o*tanh(c) (H, LSTM proj) ]
+// Workspace [N, ws_cols], what backward needs beyond the output, one row per sequence row:
+//   [ cell's own columns (Cell::cell_ws_cols) | r = o*tanh(c) (H, LSTM proj) ]
+// h_prev is not saved: it is the previous step's output row (or h0), rebuilt in backward.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -41,8 +42,7 @@ struct ForwardStep {
   const T* gi; int64_t gi_ld;   // [rows, G*H] input projection (+ biases folded in)
   const T* gh; int64_t gh_ld;   // [rows, G*H] h_prev @ W_hh^T (+ b_hh for GRU)
   const T* h_prev;              // [rows, Hout] (leading dimension Hout)
-  T* ws; int64_t ws_ld;         // [rows, ws_cols], h_prev already saved in columns [0, Hout);
-                                // nullptr when no backward will follow (nothing to save)
+  T* ws; int64_t ws_ld;         // [rows, ws_cols]; nullptr when no backward will follow
   T* c_state;                   // [rows, H] LSTM cell state, read as c_prev, written as c
   T* h_out; int64_t h_out_ld;   // [rows, H] new h (LSTM with projection: r, before W_hr)
 };
@@ -53,6 +53,7 @@ struct BackwardStep {
   const T* dh; int64_t dh_ld;   // [rows, H] gradient of the cell's h (or r with projection)
   T* dc_state;                  // [rows, H] LSTM: in dc of c_t, out dc of c_prev
   const T* ws; int64_t ws_ld;   // [rows, ws_cols]
+  const T* h_prev;              // [rows, Hout] (leading dimension Hout)
   const T* y; int64_t y_ld;     // [rows, Hout] this step's output h_t
   T* d_gi; int64_t d_gi_ld;     // [rows, G*H] gradient of the input-side pre-activations
   T* d_gh; int64_t d_gh_ld;     // [rows, G*H] hidden side, GRU only (differs in n)
@@ -164,7 +165,29 @@ LayerSizes check_weights(const Tensor& x, const Tensor& w_ih, const Tensor& w_hh
 }
 
 inline int64_t ws_cols_of(int64_t cell_cols, const LayerSizes& s) {
-  return s.Hout + cell_cols + (s.proj ? s.H : 0);
+  return cell_cols + (s.proj ? s.H : 0);
+}
+
+// The step processed just before step t: t - 1 forward, t + 1 in reverse; -1 for the first.
+inline int64_t previous_step(const Steps& st, int64_t t, bool reverse) {
+  const int64_t prev = reverse ? t + 1 : t - 1;
+  return (prev < 0 || prev >= st.T) ? -1 : prev;
+}
+
+// h_prev of every row [N, Hout]: a row's previous output where its sequence had a previous
+// step, else its initial state. Forward, step t-1 holds every row of step t (rows only end);
+// in reverse, rows past batch_sizes[t+1] begin at step t and take h0.
+template <typename T>
+void gather_h_prev(const Steps& st, bool reverse, const T* y, const T* h0, int64_t Hout, T* h_prev) {
+  for (int64_t t = 0; t < st.T; ++t) {
+    const int64_t rows = st.rows[t], off = st.offset[t];
+    const int64_t prev = previous_step(st, t, reverse);
+    const int64_t carried = prev < 0 ? 0 : std::min(rows, st.rows[prev]);
+    if (carried > 0) std::memcpy(h_prev + off * Hout, y + st.offset[prev] * Hout, sizeof(T) * carried * Hout);
+    if (rows > carried) {
+      std::memcpy(h_prev + (off + carried) * Hout, h0 + carried * Hout, sizeof(T) * (rows - carried) * Hout);
+    }
+  }
 }
 
 // Forward over the whole sequence. Returns y ([T, B, Hout] or [N, Hout]), h_n [B, Hout],
@@ -172,7 +195,8 @@ inline int64_t ws_cols_of(int64_t cell_cols, const LayerSizes& s) {
 // when need_backward is false: inference writes only what the next step reads.
 //
 // Per step: gh = h_prev @ W_hh^T (one GEMM), then one parallel pointwise pass over the rows
-// (save h_prev, the cell's gates and state, write h), then with a projection y = r @ W_hr^T.
+// (write h, and in training save the cell's gates and state), then with a projection
+// y = r @ W_hr^T.
 // The step loop touches raw pointers only: no tensor is made or dispatched per step, except
 // on the oneDNN route for large products, where a call costs far less than its arithmetic.
 template <class Cell>
@@ -265,11 +289,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(const Tensor& x_in, con
       step.ws = need_backward ? ws_ptr + off * ws_cols : nullptr;
       step.h_out = !sz.proj ? y_ptr + off * Hout : need_backward ? step.ws + r_col : r_buf.data_ptr<scalar_t>();
       at::parallel_for(0, rows, row_grain(GH), [&](int64_t b0, int64_t b1) {
-        if (need_backward) {
-          for (int64_t b = b0; b < b1; ++b) {
-            std::memcpy(step.ws + b * ws_cols, h_ptr + b * Hout, sizeof(scalar_t) * Hout);  // save h_prev
-          }
-        }
         Cell::template forward_rows<scalar_t>(step, b0, b1);
         if (!sz.proj) {
           for (int64_t b = b0; b < b1; ++b) {
@@ -307,7 +326,7 @@ template <class Cell>
 std::vector<Tensor> layer_backward(const Tensor& grad_y_in, const Tensor& grad_h_n, const OptTensor& grad_c_n,
                                    const Tensor& x_in, const Tensor& w_ih, const Tensor& w_hh,
                                    const OptTensor& w_hr, const OptTensor& batch_sizes, bool reverse,
-                                   bool has_bias, const Tensor& y_in, const Tensor& ws_in) {
+                                   bool has_bias, const Tensor& y_in, const Tensor& ws_in, const Tensor& h0) {
   const LayerSizes sz = check_weights<Cell>(x_in, w_ih, w_hh, std::nullopt, std::nullopt, w_hr);
   const int64_t H = sz.H, Hout = sz.Hout, GH = sz.G * sz.H;
   check_same(x_in, grad_h_n, "grad_h_n");
@@ -328,6 +347,8 @@ std::vector<Tensor> layer_backward(const Tensor& grad_y_in, const Tensor& grad_h
   TORCH_CHECK(grad_y_in.numel() == st.N * Hout && y_in.numel() == st.N * Hout,
               "rnnext: grad_y and y must have ", st.N * Hout, " elements");
   check_shape(ws_in, {st.N, ws_cols}, "workspace");
+  check_same(x_in, h0, "h0");
+  check_shape(h0, {B, Hout}, "h0");
 
   const Tensor x = x_in.contiguous().view({st.N, sz.I});
   const Tensor grad_y = grad_y_in.contiguous().view({st.N, Hout});
@@ -345,8 +366,13 @@ std::vector<Tensor> layer_backward(const Tensor& grad_y_in, const Tensor& grad_h
   // Gradient of each step's h (output + state); with a projection it is kept for dW_hr.
   Tensor dh_all = sz.proj ? x.new_empty({st.N, Hout}) : Tensor();
   Tensor dh_buf = x.new_empty({B, sz.proj ? H : Hout});
+  // h_prev of every row, for the GRU's pointwise backward and for dW_hh.
+  Tensor h_prev_all = x.new_empty({st.N, Hout});
+  const Tensor h0_c = h0.contiguous();
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rnnext_layer_backward", [&] {
+    gather_h_prev<scalar_t>(st, reverse, y.data_ptr<scalar_t>(), h0_c.data_ptr<scalar_t>(), Hout,
+                            h_prev_all.data_ptr<scalar_t>());
     scalar_t* dh_state_ptr = dh_state.data_ptr<scalar_t>();
     scalar_t* dh_buf_ptr = dh_buf.data_ptr<scalar_t>();
     const scalar_t* grad_y_ptr = grad_y.data_ptr<scalar_t>();
@@ -378,6 +404,7 @@ std::vector<Tensor> layer_backward(const Tensor& grad_y_in, const Tensor& grad_h
         }
       }
       step.ws = ws.data_ptr<scalar_t>() + off * ws_cols;
+      step.h_prev = h_prev_all.data_ptr<scalar_t>() + off * Hout;
       step.y = y.data_ptr<scalar_t>() + off * Hout;
       step.d_gi = d_gi.data_ptr<scalar_t>() + off * GH;
       step.d_gh = d_gh.data_ptr<scalar_t>() + off * GH;
@@ -411,7 +438,7 @@ std::vector<Tensor> layer_backward(const Tensor& grad_y_in, const Tensor& grad_h
   const OneDnnLinear input_linear(w_ih.t(), st.N, st.N);
   Tensor grad_x = (input_linear.available() ? input_linear(d_gi) : at::mm(d_gi, w_ih)).view(x_in.sizes());
   Tensor grad_w_ih = at::mm(d_gi.t(), x);
-  Tensor grad_w_hh = at::mm(d_gh.t(), ws.narrow(1, 0, Hout));
+  Tensor grad_w_hh = at::mm(d_gh.t(), h_prev_all);
   Tensor grad_b_ih = x.new_empty({0}), grad_b_hh = x.new_empty({0}), grad_w_hr = x.new_empty({0});
   if (has_bias) {
     grad_b_ih = d_gi.sum(0);

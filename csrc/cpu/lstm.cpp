@@ -1,6 +1,6 @@
 // LSTM on the CPU: the cell policy for layer_loop.h and the op registrations.
 //
-// Workspace columns after h_prev: [ c_prev (H) | i f g o (4H) | c (H) ], then r (H) with a
+// Workspace columns: [ c_prev (H) | i f g o (4H) | c (H) ], then r (H) with a
 // projection. b_hh is folded into the input projection (gi = x W_ih^T + b_ih + b_hh).
 #include <torch/library.h>
 
@@ -19,7 +19,7 @@ struct LstmCell {
   static constexpr bool kDirectHiddenGrad = false;
   static int64_t cell_ws_cols(int64_t H) { return 6 * H; }
 
-  // One batch row: gi, gh [4H]; c [H] in/out; the row's workspace after h_prev, as separate
+  // One batch row: gi, gh [4H]; c [H] in/out; the row's workspace, as separate
   // [H] blocks c_prev, i, f, g, o, c_new; h [H]. restrict parameters, one per written block,
   // let the j loop vectorise.
   template <typename T, bool kSave>
@@ -53,7 +53,7 @@ struct LstmCell {
       T* c = s.c_state + b * H;
       T* h = s.h_out + b * s.h_out_ld;
       if (s.ws) {
-        T* w = s.ws + b * s.ws_ld + s.Hout;
+        T* w = s.ws + b * s.ws_ld;
         forward_row<T, true>(H, gi, gh, c, w, w + H, w + 2 * H, w + 3 * H, w + 4 * H, w + 5 * H, h);
       } else {
         forward_row<T, false>(H, gi, gh, c, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, h);
@@ -80,7 +80,7 @@ struct LstmCell {
   template <typename T>
   RNNEXT_SIMD_CLONES static void backward_rows(const BackwardStep<T>& s, int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
-      backward_row<T>(s.H, s.dh + b * s.dh_ld, s.dc_state + b * s.H, s.ws + b * s.ws_ld + s.Hout,
+      backward_row<T>(s.H, s.dh + b * s.dh_ld, s.dc_state + b * s.H, s.ws + b * s.ws_ld,
                       s.d_gi + b * s.d_gi_ld);
     }
   }
@@ -97,9 +97,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 lstm_layer_backward(const at::Tensor& grad_y, const at::Tensor& grad_h_n, const at::Tensor& grad_c_n,
                     const at::Tensor& x, const at::Tensor& w_ih, const at::Tensor& w_hh, const OptTensor& w_hr,
                     const OptTensor& batch_sizes, bool reverse, bool has_bias, const at::Tensor& y,
-                    const at::Tensor& workspace) {
+                    const at::Tensor& workspace, const at::Tensor& h0) {
   auto g = layer_backward<LstmCell>(grad_y, grad_h_n, grad_c_n, x, w_ih, w_hh, w_hr, batch_sizes, reverse, has_bias,
-                                    y, workspace);
+                                    y, workspace, h0);
   return {g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7]};
 }
 

@@ -1,5 +1,6 @@
 // Elman RNN (tanh and ReLU) on the CPU: the cell policy for layer_loop.h and the op
-// registrations. The workspace holds only h_prev: the derivative comes from h_t = y.
+// registrations. The workspace is empty: the derivative comes from h_t = y, and h_prev is
+// the previous output.
 // b_hh is folded into the input projection.
 #include <torch/library.h>
 
@@ -67,9 +68,9 @@ template <bool kRelu>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_layer_backward(
     const at::Tensor& grad_y, const at::Tensor& grad_h_n, const at::Tensor& x, const at::Tensor& w_ih,
     const at::Tensor& w_hh, const OptTensor& batch_sizes, bool reverse, bool has_bias, const at::Tensor& y,
-    const at::Tensor& workspace) {
+    const at::Tensor& workspace, const at::Tensor& h0) {
   auto g = layer_backward<RnnCell<kRelu>>(grad_y, grad_h_n, std::nullopt, x, w_ih, w_hh, std::nullopt, batch_sizes,
-                                          reverse, has_bias, y, workspace);
+                                          reverse, has_bias, y, workspace, h0);
   return {g[0], g[1], g[3], g[4], g[5], g[6]};
 }
 
