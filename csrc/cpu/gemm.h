@@ -143,7 +143,7 @@ class OneDnnLinear {
   // Products of at least kMinWork multiply-adds per call go to oneDNN, where its speed pays
   // for its call cost; above kMaxWork (one-shot products of several GFLOP, e.g. the input
   // projection of a large layer) the BLAS measured faster on the AVX2 machines we bench.
-  static constexpr int64_t kMinWork = int64_t(1) << 21;
+  static constexpr int64_t kMinWork = int64_t(1) << 22;
   static constexpr int64_t kMaxWork = int64_t(1) << 32;
 
   OneDnnLinear(const at::Tensor& w, int64_t batch_hint, int64_t rows_for_work) {
