@@ -122,3 +122,25 @@ def test_gradcheck_packed_op(cell, reverse):
         args = (r(n, i), r(3, h), r(gates * h, i), r(gates * h, h), r(gates * h), r(gates * h),
                 batch_sizes, reverse)
     assert torch.autograd.gradcheck(lambda *a: op(*a)[:-1], args, eps=1e-6, atol=1e-8, rtol=1e-6)
+
+
+LENGTH_SETS = {
+    "all-equal": [4, 4, 4],
+    "all-length-1": [1, 1, 1],
+    "one-long-rest-1": [1, 5, 1, 1],
+    "all-different-unsorted": [3, 1, 6, 2, 5],
+}
+
+
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("name", list(LENGTH_SETS))
+def test_packed_parity_length_sets(cell, name):
+    """Edge length patterns, unsorted input, two bidirectional layers, against torch.nn."""
+    lengths = LENGTH_SETS[name]
+    ref, ours = make_pair(cell, num_layers=2, bidirectional=True)
+    x, hx = make_inputs(ref, with_hx=True, seq_len=max(lengths), batch=len(lengths))
+    expected = run_packed(ref, x, lengths, hx, False)
+    got = run_packed(ours, x, lengths, hx, False)
+    for key, value in expected.items():
+        assert got[key] is not None, key
+        torch.testing.assert_close(got[key], value, **TOL[F64], msg=lambda m: f"{key}: {m}")
