@@ -447,6 +447,20 @@ class RNNCellBase(_FromTorch, nn.Module):
         _, h_new, c_new = layer_forward(self._cell, input.unsqueeze(0), h, c, w, None, False)
         return h_new, c_new
 
+    def _forward_single_state(self, input, hx, name: str) -> Tensor:
+        """forward of the cells whose state is one tensor h (RNNCell, GRUCell)."""
+        input, is_batched = self._prepare(input, hx, name)
+        if hx is not None:
+            if not isinstance(hx, Tensor):
+                raise ArgumentTypeError(f"{name} expects hx as a Tensor, got {type(hx).__name__}")
+            if hx.dim() not in (1, 2):
+                raise ValueError(f"{name}: Expected hidden to be 1D or 2D, got {hx.dim()}D instead")
+        h = (torch.zeros(input.size(0), self.hidden_size, dtype=input.dtype, device=input.device)
+             if hx is None else (hx if is_batched else hx.unsqueeze(0)))
+        self._check(input, [h])
+        h_new, _ = self._step(input, h, None)
+        return h_new if is_batched else h_new.squeeze(0)
+
     def _prepare(self, input, hx, name: str):
         if not isinstance(input, Tensor):
             raise ArgumentTypeError(f"{name}: expected input as a Tensor, got {type(input).__name__}")
@@ -477,18 +491,8 @@ class RNNCell(RNNCellBase):
         raise RuntimeError(f"Unknown nonlinearity: {self.nonlinearity}")
 
     def forward(self, input: Tensor, hx: Optional[Tensor] = None) -> Tensor:
-        input, is_batched = self._prepare(input, hx, "RNNCell")
-        if hx is not None:
-            if not isinstance(hx, Tensor):
-                raise ArgumentTypeError(f"RNNCell expects hx as a Tensor, got {type(hx).__name__}")
-            if hx.dim() not in (1, 2):
-                raise ValueError(f"RNNCell: Expected hidden to be 1D or 2D, got {hx.dim()}D instead")
-        cell = self._cell
-        h = (torch.zeros(input.size(0), self.hidden_size, dtype=input.dtype, device=input.device)
-             if hx is None else (hx if is_batched else hx.unsqueeze(0)))
-        self._check(input, [h])
-        h_new, _ = self._step(input, h, None)
-        return h_new if is_batched else h_new.squeeze(0)
+        # An unknown nonlinearity fails in _step (RuntimeError), after the input checks, as in torch.nn.
+        return self._forward_single_state(input, hx, "RNNCell")
 
 
 class LSTMCell(RNNCellBase):
@@ -535,14 +539,4 @@ class GRUCell(RNNCellBase):
         super().__init__(input_size, hidden_size, bias, num_chunks=3, device=device, dtype=dtype)
 
     def forward(self, input: Tensor, hx: Optional[Tensor] = None) -> Tensor:
-        input, is_batched = self._prepare(input, hx, "GRUCell")
-        if hx is not None:
-            if not isinstance(hx, Tensor):
-                raise ArgumentTypeError(f"GRUCell expects hx as a Tensor, got {type(hx).__name__}")
-            if hx.dim() not in (1, 2):
-                raise ValueError(f"GRUCell: Expected hidden to be 1D or 2D, got {hx.dim()}D instead")
-        h = (torch.zeros(input.size(0), self.hidden_size, dtype=input.dtype, device=input.device)
-             if hx is None else (hx if is_batched else hx.unsqueeze(0)))
-        self._check(input, [h])
-        h_new, _ = self._step(input, h, None)
-        return h_new if is_batched else h_new.squeeze(0)
+        return self._forward_single_state(input, hx, "GRUCell")
