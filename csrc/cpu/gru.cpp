@@ -19,20 +19,22 @@ struct GruCell {
   static constexpr bool kDirectHiddenGrad = true;
   static int64_t cell_ws_cols(int64_t H) { return 4 * H; }
 
-  // One batch row: gi, gh [3H]; h_prev [H]; saved = the row's workspace columns
-  // [r, z, n, gh_n] (4H, written when kSave); h [H]. restrict parameters let the j loop
-  // vectorise.
+  // One batch row over a block of n hidden units: gi, gh hold the 3 gates with gate strides
+  // gi_gs and gh_gs; h_prev [n]; saved = the row's workspace blocks [r, z, n, gh_n] with gate
+  // stride ws_gs (written when kSave); h [n]. restrict parameters let the j loop vectorise.
   template <typename T, bool kSave>
-  RNNEXT_ALWAYS_INLINE static void forward_row(int64_t H, const T* __restrict__ gi, const T* __restrict__ gh,
-                                               const T* __restrict__ h_prev, T* __restrict__ saved,
+  RNNEXT_ALWAYS_INLINE static void forward_row(int64_t n, const T* __restrict__ gi, int64_t gi_gs,
+                                               const T* __restrict__ gh, int64_t gh_gs,
+                                               const T* __restrict__ h_prev, T* __restrict__ saved, int64_t ws_gs,
                                                T* __restrict__ h) {
-    for (int64_t j = 0; j < H; ++j) {
-      const auto a = math::gru_forward<T>(gi[j], gi[H + j], gi[2 * H + j], gh[j], gh[H + j], gh[2 * H + j], h_prev[j]);
+    for (int64_t j = 0; j < n; ++j) {
+      const auto a = math::gru_forward<T>(gi[j], gi[gi_gs + j], gi[2 * gi_gs + j], gh[j], gh[gh_gs + j],
+                                          gh[2 * gh_gs + j], h_prev[j]);
       if constexpr (kSave) {
         saved[j] = a.r;
-        saved[H + j] = a.z;
-        saved[2 * H + j] = a.n;
-        saved[3 * H + j] = gh[2 * H + j];
+        saved[ws_gs + j] = a.z;
+        saved[2 * ws_gs + j] = a.n;
+        saved[3 * ws_gs + j] = gh[2 * gh_gs + j];
       }
       h[j] = a.h;
     }
@@ -43,12 +45,12 @@ struct GruCell {
     for (int64_t b = b0; b < b1; ++b) {
       const T* gi = s.gi + b * s.gi_ld;
       const T* gh = s.gh + b * s.gh_ld;
-      const T* h_prev = s.h_prev + b * s.Hout;
+      const T* h_prev = s.h_prev + b * s.h_prev_ld;
       T* h = s.h_out + b * s.h_out_ld;
       if (s.ws) {
-        forward_row<T, true>(s.H, gi, gh, h_prev, s.ws + b * s.ws_ld, h);
+        forward_row<T, true>(s.n, gi, s.gi_gs, gh, s.gh_gs, h_prev, s.ws + b * s.ws_ld, s.H, h);
       } else {
-        forward_row<T, false>(s.H, gi, gh, h_prev, nullptr, h);
+        forward_row<T, false>(s.n, gi, s.gi_gs, gh, s.gh_gs, h_prev, nullptr, s.H, h);
       }
     }
   }

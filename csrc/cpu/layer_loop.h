@@ -35,13 +35,16 @@ namespace cpu {
 using at::Tensor;
 using OptTensor = std::optional<Tensor>;
 
-// Pointers of one step, handed to the cell's pointwise pass (rows are this step's batch rows).
+// Pointers of one step for one block of hidden units [j0, j0 + n), handed to the cell's
+// pointwise pass (rows are this step's batch rows). Every pointer is already offset to unit
+// j0: gate g of unit j0 + j is gi[g * gi_gs + j] and gh[g * gh_gs + j]; workspace block k is
+// ws[k * H + j].
 template <typename T>
 struct ForwardStep {
-  int64_t H, Hout;
-  const T* gi; int64_t gi_ld;   // [rows, G*H] input projection (+ biases folded in)
-  const T* gh; int64_t gh_ld;   // [rows, G*H] h_prev @ W_hh^T (+ b_hh for GRU)
-  const T* h_prev;              // [rows, Hout] (leading dimension Hout)
+  int64_t H, n;                 // the layer's hidden size (gate stride of ws, c's row), units here
+  const T* gi; int64_t gi_ld; int64_t gi_gs;  // [rows, G*n] input projection (+ biases folded in)
+  const T* gh; int64_t gh_ld; int64_t gh_gs;  // [rows, G*n] h_prev @ W_hh^T (+ b_hh, GRU)
+  const T* h_prev; int64_t h_prev_ld;         // [rows, Hout]
   T* ws; int64_t ws_ld;         // [rows, ws_cols]; nullptr when no backward will follow
   T* c_state;                   // [rows, H] LSTM cell state, read as c_prev, written as c
   T* h_out; int64_t h_out_ld;   // [rows, H] new h (LSTM with projection: r, before W_hr)
@@ -64,6 +67,50 @@ struct BackwardStep {
 // that waking a second thread pays for itself.
 inline int64_t row_grain(int64_t elements_per_row) {
   return std::max<int64_t>(1, 8192 / std::max<int64_t>(1, elements_per_row));
+}
+
+// The forward step loop splits the hidden units into one block per thread. Each thread owns
+// its block for the whole sequence: it multiplies h_prev by its slice of W_hh (all G gates of
+// its units) and runs the pointwise pass on that result straight away, while it is still in
+// its own cache. So each thread keeps one slice of the weight warm across steps, the gate
+// pre-activations never cross cores, and a step costs one fork/join. A block's product must
+// be worth waking a thread for (kMinBlockWork multiply-adds); boundaries fall on multiples of
+// 16 units so the pointwise loops stay at SIMD width.
+constexpr int64_t kMinBlockWork = int64_t(1) << 18;
+
+struct UnitBlock {
+  int64_t j0, n;
+};
+
+inline std::vector<UnitBlock> unit_blocks(int64_t H, int64_t work_per_step) {
+  int64_t count = std::min<int64_t>(at::get_num_threads(), work_per_step / kMinBlockWork);
+  count = std::max<int64_t>(1, std::min<int64_t>(count, H / 16));
+  std::vector<UnitBlock> blocks;
+  int64_t j0 = 0;
+  for (int64_t k = 1; k <= count; ++k) {
+    const int64_t j1 = k == count ? H : (H * k / count) / 16 * 16;
+    if (j1 > j0) blocks.push_back({j0, j1 - j0});
+    j0 = std::max(j0, j1);
+  }
+  return blocks;
+}
+
+// The rows of W (gate-major [G*H, cols]) that belong to units [j0, j0 + n) of every gate:
+// [G*n, cols]. Bias vectors [G*H] work the same way with cols = 1.
+inline at::Tensor gate_rows(const at::Tensor& w, int64_t G, int64_t H, const UnitBlock& ub) {
+  if (ub.j0 == 0 && ub.n == H) return w;
+  std::vector<at::Tensor> parts;
+  for (int64_t g = 0; g < G; ++g) parts.push_back(w.narrow(0, g * H + ub.j0, ub.n));
+  return at::cat(parts, 0);
+}
+
+// Asks the cache for units [0, n) of each of G gates of one row of gi (gate stride H).
+template <typename T>
+inline void prefetch_gates(const T* gi, int64_t G, int64_t H, int64_t n) {
+  for (int64_t g = 0; g < G; ++g) {
+    const char* p = reinterpret_cast<const char*>(gi + g * H);
+    for (int64_t byte = 0; byte < n * static_cast<int64_t>(sizeof(T)); byte += 64) __builtin_prefetch(p + byte, 0, 3);
+  }
 }
 
 // Step layout of a padded or packed sequence.
@@ -194,11 +241,11 @@ void gather_h_prev(const Steps& st, bool reverse, const T* y, const T* h0, int64
 // c_n [B, H] (undefined for cells without c) and the workspace [N, ws_cols] — [0, ws_cols]
 // when need_backward is false: inference writes only what the next step reads.
 //
-// Per step: gh = h_prev @ W_hh^T (one GEMM), then one parallel pointwise pass over the rows
-// (write h, and in training save the cell's gates and state), then with a projection
-// y = r @ W_hr^T.
-// The step loop touches raw pointers only: no tensor is made or dispatched per step, except
-// on the oneDNN route for large products, where a call costs far less than its arithmetic.
+// Per step, each unit block (one per thread, see unit_blocks): gh = h_prev @ W_hh[block]^T,
+// then the pointwise pass over the block (write h, and in training save the cell's gates and
+// state); then with a projection y = r @ W_hr^T. h_prev is read straight from the previous
+// step's output rows (or the initial state), so no state is copied per step; h_n is gathered
+// from y at the end. The step loop touches raw pointers only: no tensor is made per step.
 template <class Cell>
 std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(const Tensor& x_in, const Tensor& h0, const OptTensor& c0,
                                                          const Tensor& w_ih, const Tensor& w_hh, const OptTensor& b_ih,
@@ -216,18 +263,20 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(const Tensor& x_in, con
     check_shape(*c0, {B, sz.H}, "c0");
   }
   const Steps st = make_steps(x_in, batch_sizes, B);
-  const int64_t H = sz.H, Hout = sz.Hout, GH = sz.G * sz.H;
+  const int64_t H = sz.H, Hout = sz.Hout, G = sz.G, GH = sz.G * sz.H;
   const int64_t ws_cols = ws_cols_of(Cell::cell_ws_cols(H), sz);
   const int64_t r_col = ws_cols - H;  // projection input columns (LSTM proj only)
 
   const Tensor x = x_in.contiguous().view({st.N, sz.I});
   const Tensor w_hh_c = w_hh.contiguous();
   const Tensor w_hr_c = sz.proj ? w_hr->contiguous() : Tensor();
-  // For a few rows per step the products skip the BLAS (small_gemm_nn), which wants the
-  // weights transposed: W_hh^T [Hout, G*H], W_hr^T [H, Hout].
+  // For a few rows per step the projection skips the BLAS (small_gemm_nn), which wants the
+  // weight transposed: W_hr^T [H, Hout].
   const bool small_rows = B <= kSmallGemmRows;
-  const Tensor w_hh_t = small_rows ? w_hh_c.t().contiguous() : Tensor();
   const Tensor w_hr_t = small_rows && sz.proj ? w_hr_c.t().contiguous() : Tensor();
+  const std::vector<UnitBlock> blocks = unit_blocks(H, B * GH * Hout);
+  const int64_t n_blocks = static_cast<int64_t>(blocks.size());
+  const bool gh_bias = Cell::kRecurrentBias && b_hh.has_value();
   // gi = x @ W_ih^T + b_ih (+ b_hh when the cell adds it outside the recurrence), all steps.
   OptTensor gi_bias;
   if (b_ih.has_value()) gi_bias = Cell::kRecurrentBias ? *b_ih : (*b_ih + *b_hh);
@@ -238,75 +287,107 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(const Tensor& x_in, con
   } else {
     gi = gi_bias.has_value() ? at::addmm(*gi_bias, x, w_ih.t()) : at::mm(x, w_ih.t());
   }
-  const bool gh_bias = Cell::kRecurrentBias && b_hh.has_value();
-  const Tensor b_hh_c = gh_bias ? b_hh->contiguous() : Tensor();
-  const OneDnnLinear recurrent_linear(w_hh_c, B, B);
 
   Tensor y = x.new_empty({st.N, Hout});
   Tensor ws = x.new_empty({need_backward ? st.N : 0, ws_cols});
   Tensor r_buf = (sz.proj && !need_backward) ? x.new_empty({B, H}) : Tensor();  // o * tanh(c)
-  Tensor h_state = h0.contiguous().clone();
+  Tensor h_state = h0.contiguous().clone();  // initial state in, final state out
   Tensor c_state = Cell::kHasCellState ? c0->contiguous().clone() : Tensor();
-  Tensor gh = x.new_empty({B, GH});
+  Tensor gh = x.new_empty({B, GH});  // block k's [rows, G*n] at offset B * G * j0
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rnnext_layer_forward", [&] {
     scalar_t* h_ptr = h_state.data_ptr<scalar_t>();
     scalar_t* ws_ptr = ws.data_ptr<scalar_t>();
     scalar_t* y_ptr = y.data_ptr<scalar_t>();
     scalar_t* gh_ptr = gh.data_ptr<scalar_t>();
+    scalar_t* c_ptr = Cell::kHasCellState ? c_state.data_ptr<scalar_t>() : nullptr;
     const scalar_t* gi_ptr = gi.data_ptr<scalar_t>();
-    const scalar_t* w_hh_ptr = w_hh_c.data_ptr<scalar_t>();
-    const scalar_t* b_hh_ptr = gh_bias ? b_hh_c.data_ptr<scalar_t>() : nullptr;
-    ForwardStep<scalar_t> step;
-    step.H = H;
-    step.Hout = Hout;
-    step.gi_ld = GH;
-    step.gh_ld = GH;
-    step.ws_ld = ws_cols;
-    step.c_state = Cell::kHasCellState ? c_state.data_ptr<scalar_t>() : nullptr;
-    step.h_prev = h_ptr;
-    step.h_out_ld = sz.proj ? (need_backward ? ws_cols : H) : Hout;
+    const int64_t h_out_ld = sz.proj ? (need_backward ? ws_cols : H) : Hout;
+    // Each unit block's slice of W_hh [G*n, Hout] and of b_hh [G*n].
+    std::vector<StepWeight<scalar_t>> w_block;
+    std::vector<Tensor> b_block;
+    for (const UnitBlock& ub : blocks) {
+      w_block.emplace_back(gate_rows(w_hh_c, G, H, ub), B);
+      b_block.push_back(gh_bias ? gate_rows(*b_hh, G, H, ub).contiguous() : Tensor());
+    }
     for (int64_t s = 0; s < st.T; ++s) {
       const int64_t t = reverse ? st.T - 1 - s : s;
       const int64_t rows = st.rows[t], off = st.offset[t];
-      // gh = h_prev @ W_hh^T (+ b_hh): [rows, Hout] x [Hout, G*H]
-      Tensor gh_t;
-      if (recurrent_linear.available()) {
-        gh_t = recurrent_linear(h_state.narrow(0, 0, rows), gh_bias ? OptTensor(b_hh_c) : std::nullopt);
-        step.gh = gh_t.data_ptr<scalar_t>();
-      } else {
-        if (gh_bias) {
-          for (int64_t b = 0; b < rows; ++b) std::memcpy(gh_ptr + b * GH, b_hh_ptr, sizeof(scalar_t) * GH);
-        }
-        if (small_rows) {
-          small_gemm_nn<scalar_t>(rows, GH, Hout, h_ptr, Hout, w_hh_t.data_ptr<scalar_t>(), GH, gh_bias, gh_ptr, GH);
+      // h_prev [rows, Hout]: the previous step's output rows, or the initial state. Only a
+      // packed sequence in reverse grows: rows past the previous step's begin here from h0,
+      // which h_state still holds.
+      const int64_t prev = previous_step(st, t, reverse);
+      const scalar_t* h_prev = h_ptr;
+      if (prev >= 0) {
+        const scalar_t* y_prev = y_ptr + st.offset[prev] * Hout;
+        if (st.rows[prev] >= rows) {
+          h_prev = y_prev;
         } else {
-          gemm<scalar_t>(false, true, rows, GH, Hout, h_ptr, Hout, w_hh_ptr, Hout, gh_bias, gh_ptr, GH);
+          std::memcpy(h_ptr, y_prev, sizeof(scalar_t) * st.rows[prev] * Hout);
         }
-        step.gh = gh_ptr;
       }
-      step.gi = gi_ptr + off * GH;
-      step.ws = need_backward ? ws_ptr + off * ws_cols : nullptr;
-      step.h_out = !sz.proj ? y_ptr + off * Hout : need_backward ? step.ws + r_col : r_buf.data_ptr<scalar_t>();
-      at::parallel_for(0, rows, row_grain(GH), [&](int64_t b0, int64_t b1) {
-        Cell::template forward_rows<scalar_t>(step, b0, b1);
-        if (!sz.proj) {
-          for (int64_t b = b0; b < b1; ++b) {
-            std::memcpy(h_ptr + b * Hout, step.h_out + b * Hout, sizeof(scalar_t) * Hout);
-          }
+      scalar_t* h_out = !sz.proj ? y_ptr + off * Hout
+                        : need_backward ? ws_ptr + off * ws_cols + r_col
+                                        : r_buf.data_ptr<scalar_t>();
+      auto run_block = [&](int64_t k) {
+        const UnitBlock& ub = blocks[k];
+        const int64_t gn = G * ub.n;
+        scalar_t* gh_k = gh_ptr + B * G * ub.j0;
+        // gh = h_prev @ W_hh[block]^T (+ b_hh[block]): [rows, Hout] x [Hout, G*n]
+        if (gh_bias) {
+          const scalar_t* bias = b_block[k].data_ptr<scalar_t>();
+          for (int64_t b = 0; b < rows; ++b) std::memcpy(gh_k + b * gn, bias, sizeof(scalar_t) * gn);
         }
-      });
+        w_block[k].multiply(rows, h_prev, Hout, gh_bias, gh_k, gn);
+        ForwardStep<scalar_t> step;
+        step.H = H;
+        step.n = ub.n;
+        step.gi = gi_ptr + off * GH + ub.j0;
+        step.gi_ld = GH;
+        step.gi_gs = H;
+        step.gh = gh_k;
+        step.gh_ld = gn;
+        step.gh_gs = ub.n;
+        step.h_prev = h_prev + ub.j0;
+        step.h_prev_ld = Hout;
+        step.ws = need_backward ? ws_ptr + off * ws_cols + ub.j0 : nullptr;
+        step.ws_ld = ws_cols;
+        step.c_state = c_ptr ? c_ptr + ub.j0 : nullptr;
+        step.h_out = h_out + ub.j0;
+        step.h_out_ld = h_out_ld;
+        // Row by row, fetching the next row's input projection (a cold, strided read from
+        // the [N, G*H] gi buffer) while this row's gate math runs.
+        for (int64_t b = 0; b < rows; ++b) {
+          if (b + 1 < rows) prefetch_gates(step.gi + (b + 1) * GH, G, H, ub.n);
+          Cell::template forward_rows<scalar_t>(step, b, b + 1);
+        }
+      };
+      if (n_blocks == 1) {
+        run_block(0);
+      } else {
+        // One block per task: the BLAS called inside runs on this thread alone.
+        at::parallel_for(0, n_blocks, 1, [&](int64_t k0, int64_t k1) {
+          for (int64_t k = k0; k < k1; ++k) run_block(k);
+        });
+      }
       if (sz.proj) {
         // h = r @ W_hr^T: [rows, H] x [H, Hout]
         scalar_t* y_t = y_ptr + off * Hout;
         if (small_rows) {
-          small_gemm_nn<scalar_t>(rows, Hout, H, step.h_out, step.h_out_ld, w_hr_t.data_ptr<scalar_t>(), Hout, false,
-                                  y_t, Hout);
+          small_gemm_nn<scalar_t>(rows, Hout, H, h_out, h_out_ld, w_hr_t.data_ptr<scalar_t>(), Hout, false, y_t, Hout);
         } else {
-          gemm<scalar_t>(false, true, rows, Hout, H, step.h_out, step.h_out_ld, w_hr_c.data_ptr<scalar_t>(), H,
-                         false, y_t, Hout);
+          gemm<scalar_t>(false, true, rows, Hout, H, h_out, h_out_ld, w_hr_c.data_ptr<scalar_t>(), H, false, y_t,
+                         Hout);
         }
-        std::memcpy(h_ptr, y_t, sizeof(scalar_t) * rows * Hout);
+      }
+    }
+    // h_n: each row's output at the last step that processed it. Forward, rows end as
+    // batch_sizes falls; in reverse every row ends at step 0, which holds all B rows.
+    for (int64_t t = 0; t < st.T; ++t) {
+      const int64_t later = reverse ? (t == 0 ? 0 : st.rows[t]) : (t + 1 < st.T ? st.rows[t + 1] : 0);
+      if (st.rows[t] > later) {
+        std::memcpy(h_ptr + later * Hout, y_ptr + (st.offset[t] + later) * Hout,
+                    sizeof(scalar_t) * (st.rows[t] - later) * Hout);
       }
     }
   });

@@ -19,18 +19,20 @@ struct LstmCell {
   static constexpr bool kDirectHiddenGrad = false;
   static int64_t cell_ws_cols(int64_t H) { return 6 * H; }
 
-  // One batch row: gi, gh [4H]; c [H] in/out; the row's workspace, as separate
-  // [H] blocks c_prev, i, f, g, o, c_new; h [H]. restrict parameters, one per written block,
-  // let the j loop vectorise.
+  // One batch row over a block of n hidden units: gi, gh hold the 4 gates with gate strides
+  // gi_gs and gh_gs; c [n] in/out; the row's workspace as separate [n] blocks c_prev, i, f,
+  // g, o, c_new; h [n]. restrict parameters, one per written block, let the j loop vectorise.
   template <typename T, bool kSave>
-  RNNEXT_ALWAYS_INLINE static void forward_row(int64_t H, const T* __restrict__ gi, const T* __restrict__ gh,
-                                               T* __restrict__ c, T* __restrict__ c_prev_out, T* __restrict__ i_out,
+  RNNEXT_ALWAYS_INLINE static void forward_row(int64_t n, const T* __restrict__ gi, int64_t gi_gs,
+                                               const T* __restrict__ gh, int64_t gh_gs, T* __restrict__ c,
+                                               T* __restrict__ c_prev_out, T* __restrict__ i_out,
                                                T* __restrict__ f_out, T* __restrict__ g_out, T* __restrict__ o_out,
                                                T* __restrict__ c_out, T* __restrict__ h) {
-    for (int64_t j = 0; j < H; ++j) {
+    for (int64_t j = 0; j < n; ++j) {
       const T c_prev = c[j];
-      const auto a = math::lstm_forward<T>(gi[j] + gh[j], gi[H + j] + gh[H + j], gi[2 * H + j] + gh[2 * H + j],
-                                           gi[3 * H + j] + gh[3 * H + j], c_prev);
+      const auto a = math::lstm_forward<T>(gi[j] + gh[j], gi[gi_gs + j] + gh[gh_gs + j],
+                                           gi[2 * gi_gs + j] + gh[2 * gh_gs + j],
+                                           gi[3 * gi_gs + j] + gh[3 * gh_gs + j], c_prev);
       if constexpr (kSave) {
         c_prev_out[j] = c_prev;
         i_out[j] = a.i;
@@ -54,9 +56,9 @@ struct LstmCell {
       T* h = s.h_out + b * s.h_out_ld;
       if (s.ws) {
         T* w = s.ws + b * s.ws_ld;
-        forward_row<T, true>(H, gi, gh, c, w, w + H, w + 2 * H, w + 3 * H, w + 4 * H, w + 5 * H, h);
+        forward_row<T, true>(s.n, gi, s.gi_gs, gh, s.gh_gs, c, w, w + H, w + 2 * H, w + 3 * H, w + 4 * H, w + 5 * H, h);
       } else {
-        forward_row<T, false>(H, gi, gh, c, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, h);
+        forward_row<T, false>(s.n, gi, s.gi_gs, gh, s.gh_gs, c, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, h);
       }
     }
   }

@@ -20,11 +20,12 @@ struct RnnCell {
   static constexpr bool kDirectHiddenGrad = false;
   static int64_t cell_ws_cols(int64_t) { return 0; }
 
-  // One batch row: pre-activations gi + gh [H] -> h [H]. restrict lets the j loop vectorise.
+  // One batch row over a block of n hidden units: pre-activations gi + gh [n] -> h [n].
+  // restrict lets the j loop vectorise.
   template <typename T>
-  RNNEXT_ALWAYS_INLINE static void forward_row(int64_t H, const T* __restrict__ gi, const T* __restrict__ gh,
+  RNNEXT_ALWAYS_INLINE static void forward_row(int64_t n, const T* __restrict__ gi, const T* __restrict__ gh,
                                                T* __restrict__ h) {
-    for (int64_t j = 0; j < H; ++j) {
+    for (int64_t j = 0; j < n; ++j) {
       h[j] = kRelu ? math::rnn_relu_forward<T>(gi[j] + gh[j]) : math::rnn_tanh_forward<T>(gi[j] + gh[j]);
     }
   }
@@ -32,7 +33,7 @@ struct RnnCell {
   template <typename T>
   RNNEXT_SIMD_CLONES static void forward_rows(const ForwardStep<T>& s, int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
-      forward_row<T>(s.H, s.gi + b * s.gi_ld, s.gh + b * s.gh_ld, s.h_out + b * s.h_out_ld);
+      forward_row<T>(s.n, s.gi + b * s.gi_ld, s.gh + b * s.gh_ld, s.h_out + b * s.h_out_ld);
     }
   }
 
