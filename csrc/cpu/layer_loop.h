@@ -437,8 +437,6 @@ std::vector<Tensor> layer_backward(const Tensor& grad_y_in, const Tensor& grad_h
   const Tensor ws = ws_in.contiguous();
   const Tensor w_hh_c = w_hh.contiguous();
   const Tensor w_hr_c = sz.proj ? w_hr->contiguous() : Tensor();
-  // dh_prev = d_gh @ W_hh is x @ (W_hh^T)^T: oneDNN takes W_hh^T as its prepacked weight.
-  const OneDnnLinear recurrent_linear(w_hh_c.t(), B, B);
 
   Tensor dh_state = grad_h_n.contiguous().clone();
   Tensor dc_state = Cell::kHasCellState ? grad_c_n->contiguous().clone() : Tensor();
@@ -457,7 +455,8 @@ std::vector<Tensor> layer_backward(const Tensor& grad_y_in, const Tensor& grad_h
     scalar_t* dh_state_ptr = dh_state.data_ptr<scalar_t>();
     scalar_t* dh_buf_ptr = dh_buf.data_ptr<scalar_t>();
     const scalar_t* grad_y_ptr = grad_y.data_ptr<scalar_t>();
-    const scalar_t* w_hh_ptr = w_hh_c.data_ptr<scalar_t>();
+    // dh_prev = d_gh @ W_hh is d_gh @ (W_hh^T)^T: the step weight is W_hh^T [Hout, G*H].
+    const StepWeight<scalar_t> w_hh_step(w_hh_c.t(), B);
     BackwardStep<scalar_t> step;
     step.H = H;
     step.Hout = Hout;
@@ -497,21 +496,7 @@ std::vector<Tensor> layer_backward(const Tensor& grad_y_in, const Tensor& grad_h
       });
       // dh_prev (+)= d_gh @ W_hh: [rows, G*H] x [G*H, Hout]; the GRU's direct z * dh term is
       // already in dh_state.
-      if (recurrent_linear.available()) {
-        const Tensor prod = recurrent_linear(d_gh.narrow(0, off, rows));
-        Tensor dst = dh_state.narrow(0, 0, rows);
-        if (Cell::kDirectHiddenGrad) {
-          dst.add_(prod);
-        } else {
-          dst.copy_(prod);
-        }
-      } else if (rows <= kSmallGemmRows) {
-        small_gemm_nn<scalar_t>(rows, Hout, GH, step.d_gh, GH, w_hh_ptr, Hout, Cell::kDirectHiddenGrad, dh_state_ptr,
-                                Hout);
-      } else {
-        gemm<scalar_t>(false, false, rows, Hout, GH, step.d_gh, GH, w_hh_ptr, Hout, Cell::kDirectHiddenGrad,
-                       dh_state_ptr, Hout);
-      }
+      w_hh_step.multiply(rows, step.d_gh, GH, Cell::kDirectHiddenGrad, dh_state_ptr, Hout);
     }
   });
 
