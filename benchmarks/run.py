@@ -16,6 +16,7 @@ def main():
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
     sys.stdout.write(proc.stdout)
     table = proc.stdout[proc.stdout.find("| shape"):]
+    table = "\n".join(line for line in table.splitlines() if not line.startswith("wrote ")) + "\n"
     header = proc.stdout.splitlines()[0]
     with open(os.path.join(HERE, "results.md"), "w") as f:
         f.write(header + "\n\n" + table)
