@@ -18,9 +18,8 @@ import itertools
 
 import pytest
 import torch
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from helpers import TOL, make_inputs, make_pair, run
+from helpers import CELLS, assert_results_close, make_inputs, make_pair, run, run_packed
 
 SEQ, BATCH, IN, HID = 7, 24, 40, 152
 LENGTHS = [7, 3, 5, 7, 1, 6, 2, 4, 7, 5, 3, 6, 1, 2, 7, 4, 5, 6, 3, 2, 7, 1, 4, 6]  # unsorted
@@ -34,23 +33,15 @@ def two_threads():
     torch.set_num_threads(before)
 
 
-def compare(got, expected, dtype):
-    """assert_close with the dtype's tolerances, the absolute one scaled by the tensor's
-    largest magnitude: at these sizes a parameter gradient sums ~170 rows of O(1) products
-    and reaches magnitudes of 10-30, so float32 rounding alone gives absolute differences
-    above 1e-5. Measured max of |difference| / max(1, max|expected|) over the bidirectional
-    2-layer cases: float32 7e-7, float64 2e-15."""
-    assert set(got) == set(expected)
-    for key, value in expected.items():
-        if value is None:
-            assert got[key] is None, key
-        else:
-            scale = max(1.0, value.abs().max().item())
-            torch.testing.assert_close(got[key], value, rtol=TOL[dtype]["rtol"], atol=TOL[dtype]["atol"] * scale,
-                                       msg=lambda m: f"{key}: {m}")
+def compare(expected, got, dtype):
+    """TOL[dtype] with the absolute part scaled by each tensor's largest magnitude: at these
+    sizes a parameter gradient sums ~170 rows of O(1) products and reaches magnitudes of
+    10-30, so float32 rounding alone gives absolute differences above 1e-5. Measured max of
+    |difference| / max(1, max|expected|) over the bidirectional 2-layer cases: float32 7e-7,
+    float64 2e-15."""
+    assert_results_close(expected, got, dtype, scale_atol=True)
 
 
-CELLS = ("LSTM", "GRU", "RNN_TANH", "RNN_RELU")
 DTYPES = (torch.float32, torch.float64)
 PADDED = list(itertools.product(CELLS, DTYPES, (False, True)))
 
@@ -60,29 +51,7 @@ PADDED = list(itertools.product(CELLS, DTYPES, (False, True)))
 def test_padded_two_layers(cell, dtype, bidirectional):
     ref, ours = make_pair(cell, IN, HID, dtype=dtype, num_layers=2, bidirectional=bidirectional)
     x, hx = make_inputs(ref, with_hx=True, seq_len=SEQ, batch=BATCH)
-    compare(run(ours, x, hx), run(ref, x, hx), dtype)
-
-
-def run_packed(module, x, hx):
-    """Forward on an unsorted packed batch and backward of a loss weighting every element."""
-    module.zero_grad(set_to_none=True)
-    x = x.detach().clone().requires_grad_(True)
-    is_lstm = module.mode == "LSTM"
-    leaves = [t.detach().clone().requires_grad_(True) for t in (hx if is_lstm else (hx,))]
-    out, state = module(pack_padded_sequence(x, LENGTHS, enforce_sorted=False),
-                        tuple(leaves) if is_lstm else leaves[0])
-    padded, _ = pad_packed_sequence(out)
-    states = list(state) if is_lstm else [state]
-    g = torch.Generator().manual_seed(3)
-    loss = (padded * torch.randn(padded.shape, generator=g, dtype=padded.dtype)).sum()
-    for s in states:
-        loss = loss + (s * torch.randn(s.shape, generator=g, dtype=s.dtype)).sum()
-    loss.backward()
-    res = {"out": padded.detach(), "grad_x": x.grad}
-    res.update({f"state{i}": s.detach() for i, s in enumerate(states)})
-    res.update({f"grad_hx{i}": leaf.grad for i, leaf in enumerate(leaves)})
-    res.update({"param." + n: p.grad for n, p in module.named_parameters()})
-    return res
+    compare(run(ref, x, hx), run(ours, x, hx), dtype)
 
 
 PACKED = list(itertools.product(CELLS, DTYPES))
@@ -93,14 +62,14 @@ def test_packed_bidirectional(cell, dtype):
     """Rows drop out as sequences end (forward) and join as they begin (reverse)."""
     ref, ours = make_pair(cell, IN, HID, dtype=dtype, bidirectional=True)
     x, hx = make_inputs(ref, with_hx=True, seq_len=SEQ, batch=BATCH)
-    compare(run_packed(ours, x, hx), run_packed(ref, x, hx), dtype)
+    compare(run_packed(ref, x, LENGTHS, hx, False), run_packed(ours, x, LENGTHS, hx, False), dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float64"])
 def test_lstm_projection(dtype):
     ref, ours = make_pair("LSTM", IN, HID, dtype=dtype, proj_size=48, num_layers=2)
     x, hx = make_inputs(ref, with_hx=True, seq_len=SEQ, batch=BATCH)
-    compare(run(ours, x, hx), run(ref, x, hx), dtype)
+    compare(run(ref, x, hx), run(ours, x, hx), dtype)
 
 
 @pytest.mark.parametrize("cell", CELLS)

@@ -7,44 +7,12 @@ import itertools
 
 import pytest
 import torch
-from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from helpers import CELLS, TOL, make_inputs, make_pair
+from helpers import CELLS, TOL, make_inputs, make_pair, run_packed
 
 F64 = torch.float64
 LENGTHS = {True: [5, 4, 2, 1], False: [2, 5, 1, 4]}  # enforce_sorted -> lengths
-
-
-def run_packed(module, x, lengths, hx, enforce_sorted, loss_seed=7):
-    """Forward on pack_padded_sequence(x) and backward of a loss weighting every valid output
-    element and every final-state element differently; returns results and gradients."""
-    is_lstm = module.mode == "LSTM"
-    module.zero_grad(set_to_none=True)
-    x = x.detach().clone().requires_grad_(True)
-    leaves = []
-    call_hx = None
-    if hx is not None:
-        leaves = [t.detach().clone().requires_grad_(True) for t in (hx if is_lstm else (hx,))]
-        call_hx = tuple(leaves) if is_lstm else leaves[0]
-    packed = pack_padded_sequence(x, lengths, batch_first=module.batch_first, enforce_sorted=enforce_sorted)
-    out, state = module(packed, call_hx)
-    assert isinstance(out, PackedSequence)
-    padded, out_lengths = pad_packed_sequence(out, batch_first=module.batch_first)
-    assert out_lengths.tolist() == list(lengths)
-    states = list(state) if is_lstm else [state]
-    g = torch.Generator().manual_seed(loss_seed)
-    loss = (padded * torch.randn(padded.shape, generator=g, dtype=padded.dtype)).sum()
-    for s in states:
-        loss = loss + (s * torch.randn(s.shape, generator=g, dtype=s.dtype)).sum()
-    loss.backward()
-    res = {"out": padded.detach(), "grad_x": x.grad}
-    for i, s in enumerate(states):
-        res[f"state{i}"] = s.detach()
-    for i, leaf in enumerate(leaves):
-        res[f"grad_hx{i}"] = leaf.grad
-    for name, p in module.named_parameters():
-        res["param." + name] = p.grad
-    return res
 
 
 CASES = list(itertools.product(CELLS, (1, 2), (False, True), (False, True), (True, False)))
