@@ -171,7 +171,10 @@ inline const Api& api() {
 template <typename T>
 class StepWeight {
  public:
-  StepWeight(const at::Tensor& w, int64_t max_rows) : n_(w.size(0)), k_(w.size(1)) {
+  // w [n, k], contiguous or a transposed view of a contiguous [k, n] (W_hh^T in backward),
+  // which every route reads from its storage as it is, without a transposed copy.
+  StepWeight(const at::Tensor& w, int64_t max_rows)
+      : n_(w.size(0)), k_(w.size(1)), stored_transposed_(!w.is_contiguous() && w.t().is_contiguous()) {
     const bool fits_int = max_rows < INT_MAX && n_ < INT_MAX && k_ < INT_MAX;
     if (max_rows <= kSmallGemmRows) {
       w_ = w.t().contiguous();
@@ -181,13 +184,15 @@ class StepWeight {
       const size_t bytes = mkl.get_size(mkl_packed::kBMatrix, static_cast<int>(max_rows), static_cast<int>(n_),
                                         static_cast<int>(k_));
       w_ = at::empty({static_cast<int64_t>((bytes + sizeof(float) - 1) / sizeof(float))}, w.options());
-      const at::Tensor wc = w.contiguous();
-      mkl.pack(mkl_packed::kRowMajor, mkl_packed::kBMatrix, mkl_packed::kTrans, static_cast<int>(max_rows),
-               static_cast<int>(n_), static_cast<int>(k_), 1.f, reinterpret_cast<const float*>(wc.data_ptr()),
-               static_cast<int>(k_), reinterpret_cast<float*>(w_.data_ptr()));
+      // op(B) = W^T [k, n]: the storage itself when W is a transposed view.
+      const at::Tensor src = stored_transposed_ ? w.t() : w.contiguous();
+      mkl.pack(mkl_packed::kRowMajor, mkl_packed::kBMatrix, stored_transposed_ ? mkl_packed::kNoTrans : mkl_packed::kTrans,
+               static_cast<int>(max_rows), static_cast<int>(n_), static_cast<int>(k_), 1.f,
+               reinterpret_cast<const float*>(src.data_ptr()), static_cast<int>(stored_transposed_ ? n_ : k_),
+               reinterpret_cast<float*>(w_.data_ptr()));
       packed_ = true;
     } else {
-      w_ = w.contiguous();
+      w_ = stored_transposed_ ? w.t() : w.contiguous();
     }
   }
 
@@ -203,7 +208,7 @@ class StepWeight {
                                   static_cast<int>(ldc));
       }
     } else {
-      gemm<T>(false, true, rows, n_, k_, a, lda, w, k_, accumulate, c, ldc);
+      gemm<T>(false, !stored_transposed_, rows, n_, k_, a, lda, w, stored_transposed_ ? n_ : k_, accumulate, c, ldc);
     }
   }
 
@@ -218,6 +223,7 @@ class StepWeight {
 
  private:
   int64_t n_, k_;
+  bool stored_transposed_;
   at::Tensor w_;
   bool small_ = false, packed_ = false;
 };

@@ -269,11 +269,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(const Tensor& x_in, con
 
   const Tensor x = x_in.contiguous().view({st.N, sz.I});
   const Tensor w_hh_c = w_hh.contiguous();
-  const Tensor w_hr_c = sz.proj ? w_hr->contiguous() : Tensor();
-  // For a few rows per step the projection skips the BLAS (small_gemm_nn), which wants the
-  // weight transposed: W_hr^T [H, Hout].
-  const bool small_rows = B <= kSmallGemmRows;
-  const Tensor w_hr_t = small_rows && sz.proj ? w_hr_c.t().contiguous() : Tensor();
   const std::vector<UnitBlock> blocks = unit_blocks(H, B * GH * Hout);
   const int64_t n_blocks = static_cast<int64_t>(blocks.size());
   const bool gh_bias = Cell::kRecurrentBias && b_hh.has_value();
@@ -304,6 +299,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(const Tensor& x_in, con
     const scalar_t* gi_ptr = gi.data_ptr<scalar_t>();
     const int64_t h_out_ld = sz.proj ? (need_backward ? ws_cols : H) : Hout;
     // Each unit block's slice of W_hh [G*n, Hout] and of b_hh [G*n].
+    // y = r @ W_hr^T with a projection.
+    const std::optional<StepWeight<scalar_t>> w_hr_step =
+        sz.proj ? std::make_optional<StepWeight<scalar_t>>(*w_hr, B) : std::nullopt;
     std::vector<StepWeight<scalar_t>> w_block;
     std::vector<Tensor> b_block;
     for (const UnitBlock& ub : blocks) {
@@ -372,13 +370,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(const Tensor& x_in, con
       }
       if (sz.proj) {
         // h = r @ W_hr^T: [rows, H] x [H, Hout]
-        scalar_t* y_t = y_ptr + off * Hout;
-        if (small_rows) {
-          small_gemm_nn<scalar_t>(rows, Hout, H, h_out, h_out_ld, w_hr_t.data_ptr<scalar_t>(), Hout, false, y_t, Hout);
-        } else {
-          gemm<scalar_t>(false, true, rows, Hout, H, h_out, h_out_ld, w_hr_c.data_ptr<scalar_t>(), H, false, y_t,
-                         Hout);
-        }
+        w_hr_step->multiply(rows, h_out, h_out_ld, false, y_ptr + off * Hout, Hout);
       }
     }
     // h_n: each row's output at the last step that processed it. Forward, rows end as
@@ -436,7 +428,6 @@ std::vector<Tensor> layer_backward(const Tensor& grad_y_in, const Tensor& grad_h
   const Tensor y = y_in.contiguous().view({st.N, Hout});
   const Tensor ws = ws_in.contiguous();
   const Tensor w_hh_c = w_hh.contiguous();
-  const Tensor w_hr_c = sz.proj ? w_hr->contiguous() : Tensor();
 
   Tensor dh_state = grad_h_n.contiguous().clone();
   Tensor dc_state = Cell::kHasCellState ? grad_c_n->contiguous().clone() : Tensor();
@@ -457,6 +448,9 @@ std::vector<Tensor> layer_backward(const Tensor& grad_y_in, const Tensor& grad_h
     const scalar_t* grad_y_ptr = grad_y.data_ptr<scalar_t>();
     // dh_prev = d_gh @ W_hh is d_gh @ (W_hh^T)^T: the step weight is W_hh^T [Hout, G*H].
     const StepWeight<scalar_t> w_hh_step(w_hh_c.t(), B);
+    // dr = dh @ W_hr likewise: the step weight is W_hr^T [H, Hout].
+    const std::optional<StepWeight<scalar_t>> w_hr_step =
+        sz.proj ? std::make_optional<StepWeight<scalar_t>>(w_hr->t(), B) : std::nullopt;
     BackwardStep<scalar_t> step;
     step.H = H;
     step.Hout = Hout;
@@ -477,11 +471,7 @@ std::vector<Tensor> layer_backward(const Tensor& grad_y_in, const Tensor& grad_h
         // dh = dh_state + grad_y[t], kept for dW_hr; dr = dh @ W_hr: [rows, Hout] x [Hout, H]
         scalar_t* dh_t = dh_all.data_ptr<scalar_t>() + off * Hout;
         for (int64_t i = 0; i < rows * Hout; ++i) dh_t[i] = dh_state_ptr[i] + grad_y_t[i];
-        if (rows <= kSmallGemmRows) {
-          small_gemm_nn<scalar_t>(rows, H, Hout, dh_t, Hout, w_hr_c.data_ptr<scalar_t>(), H, false, dh_buf_ptr, H);
-        } else {
-          gemm<scalar_t>(false, false, rows, H, Hout, dh_t, Hout, w_hr_c.data_ptr<scalar_t>(), H, false, dh_buf_ptr, H);
-        }
+        w_hr_step->multiply(rows, dh_t, Hout, false, dh_buf_ptr, H);
       }
       step.ws = ws.data_ptr<scalar_t>() + off * ws_cols;
       step.h_prev = h_prev_all.data_ptr<scalar_t>() + off * Hout;
