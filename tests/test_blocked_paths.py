@@ -81,3 +81,20 @@ def test_inference_matches_training_forward(cell):
     with torch.no_grad():
         y_infer, _ = ours(x)
     assert torch.equal(y_train.detach(), y_infer)
+
+
+CHUNKED = list(itertools.product(CELLS, DTYPES, (1, 50)))
+
+
+@pytest.mark.parametrize("cell,dtype,chunk_rows", CHUNKED,
+                         ids=[f"{c}-{str(d)[6:]}-rows{r}" for c, d, r in CHUNKED])
+def test_input_projection_in_chunks(cell, dtype, chunk_rows, monkeypatch):
+    """The forward computes gi = x @ W_ih^T a chunk of whole steps at a time (about 4 MiB of gi
+    per chunk, so the small shapes above fit in one). RNNEXT_CHUNK_ROWS puts the chunk edges
+    at every step (1) or every second step (50 rows, B=24), in both directions, padded and
+    packed with rows dropping out and joining across chunk edges."""
+    monkeypatch.setenv("RNNEXT_CHUNK_ROWS", str(chunk_rows))
+    ref, ours = make_pair(cell, IN, HID, dtype=dtype, num_layers=2, bidirectional=True)
+    x, hx = make_inputs(ref, with_hx=True, seq_len=SEQ, batch=BATCH)
+    compare(run(ref, x, hx), run(ours, x, hx), dtype)
+    compare(run_packed(ref, x, LENGTHS, hx, False), run_packed(ours, x, LENGTHS, hx, False), dtype)

@@ -25,6 +25,8 @@
 #include <string>
 #include <optional>
 
+#include "packed_gemm.h"
+
 // Loops that should run at SIMD width are compiled for AVX-512, for AVX2 and for baseline
 // x86-64; the loader picks the best the CPU has (GCC function multiversioning), so one build
 // runs everywhere and still uses the widest SIMD where it exists.
@@ -166,8 +168,10 @@ inline const Api& api() {
 }  // namespace mkl_packed
 
 // C[rows, n] = A[rows, k] @ W^T (+ C) for one weight W [n, k] multiplied many times (once
-// per time step). How is chosen once, at construction: small_gemm_nn on W^T for a few rows;
-// for float32, MKL's packed GEMM with W packed here; otherwise the plain gemm().
+// per time step, or once per chunk of steps). How is chosen once, at construction: for
+// float32 with AVX2, our packed GEMM (packed_gemm.h) for step-sized products, MKL's packed
+// GEMM for chunk-sized ones (rows_per_call large: MKL's own threading and blocking win
+// there); small_gemm_nn on W^T for a few rows; otherwise the plain gemm().
 template <typename T>
 class StepWeight {
  public:
@@ -176,7 +180,12 @@ class StepWeight {
   StepWeight(const at::Tensor& w, int64_t max_rows)
       : n_(w.size(0)), k_(w.size(1)), stored_transposed_(!w.is_contiguous() && w.t().is_contiguous()) {
     const bool fits_int = max_rows < INT_MAX && n_ < INT_MAX && k_ < INT_MAX;
-    if (max_rows <= kSmallGemmRows) {
+    if (std::is_same_v<T, float> && max_rows <= kMaxOwnGemmRows && packed_gemm::supported() && own_enabled()) {
+      w_ = at::empty({packed_gemm::packed_size(n_, k_)}, w.options());
+      packed_gemm::pack(reinterpret_cast<const float*>(w.data_ptr()), n_, k_, w.stride(0), w.stride(1),
+                        reinterpret_cast<float*>(w_.data_ptr()));
+      own_ = true;
+    } else if (max_rows <= kSmallGemmRows) {
       w_ = w.t().contiguous();
       small_ = true;
     } else if (std::is_same_v<T, float> && fits_int && mkl_packed::api().ok() && packed_enabled()) {
@@ -198,7 +207,9 @@ class StepWeight {
 
   void multiply(int64_t rows, const T* a, int64_t lda, bool accumulate, T* c, int64_t ldc) const {
     const T* w = w_.data_ptr<T>();
-    if (small_) {
+    if (own_) {
+      if constexpr (std::is_same_v<T, float>) packed_gemm::multiply(rows, n_, k_, a, lda, w, accumulate, c, ldc);
+    } else if (small_) {
       small_gemm_nn<T>(rows, n_, k_, a, lda, w, n_, accumulate, c, ldc);
     } else if (packed_) {
       if constexpr (std::is_same_v<T, float>) {
@@ -210,6 +221,18 @@ class StepWeight {
     } else {
       gemm<T>(false, !stored_transposed_, rows, n_, k_, a, lda, w, stored_transposed_ ? n_ : k_, accumulate, c, ldc);
     }
+  }
+
+  // Products of more rows per call than this go to the BLAS.
+  static constexpr int64_t kMaxOwnGemmRows = 256;
+
+  // RNNEXT_OWN_GEMM=0 keeps every product on the BLAS routes (for comparisons).
+  static bool own_enabled() {
+    static const bool on = [] {
+      const char* env = std::getenv("RNNEXT_OWN_GEMM");
+      return !(env && std::string(env) == "0");
+    }();
+    return on;
   }
 
   // RNNEXT_MKL_PACKED=0 keeps the plain sgemm (for comparisons).
@@ -225,7 +248,7 @@ class StepWeight {
   int64_t n_, k_;
   bool stored_transposed_;
   at::Tensor w_;
-  bool small_ = false, packed_ = false;
+  bool own_ = false, small_ = false, packed_ = false;
 };
 
 // y = x @ W^T through oneDNN, W [n, k] prepacked at construction. Usable only when
