@@ -98,3 +98,18 @@ def test_input_projection_in_chunks(cell, dtype, chunk_rows, monkeypatch):
     x, hx = make_inputs(ref, with_hx=True, seq_len=SEQ, batch=BATCH)
     compare(run(ref, x, hx), run(ours, x, hx), dtype)
     compare(run_packed(ref, x, LENGTHS, hx, False), run_packed(ours, x, LENGTHS, hx, False), dtype)
+
+
+# Hidden sizes whose W_hh share per thread exceeds 768 KiB in float32, so the forward cuts
+# the units into 8 blocks per thread taken in turn (unit_blocks, take_blocks); none is a
+# multiple of 16, so the last block and the GEMM's last column strip are partial, and
+# K = H > 256 spans two of the GEMM's depth blocks.
+LARGE_HIDDEN = {"LSTM": 330, "GRU": 370, "RNN_TANH": 650, "RNN_RELU": 650}
+SHARED = list(itertools.product(CELLS, DTYPES))
+
+
+@pytest.mark.parametrize("cell,dtype", SHARED, ids=[f"{c}-{str(d)[6:]}" for c, d in SHARED])
+def test_blocks_taken_in_turn(cell, dtype):
+    ref, ours = make_pair(cell, 24, LARGE_HIDDEN[cell], dtype=dtype)
+    x, hx = make_inputs(ref, with_hx=True, seq_len=4, batch=8)
+    compare(run(ref, x, hx), run(ours, x, hx), dtype)

@@ -22,6 +22,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 
@@ -78,14 +79,24 @@ inline int64_t row_grain(int64_t elements_per_row) {
 // pre-activations never cross cores, and a step costs one fork/join. A block's product must
 // be worth waking a thread for (kMinBlockWork multiply-adds); boundaries fall on multiples of
 // 16 units so the pointwise loops stay at SIMD width.
+//
+// Once a thread's share of W_hh is larger than its L2 (kPrivateCacheBytes), the weight
+// streams from L3 every step whoever owns it, so ownership buys nothing, while a fixed split
+// leaves every thread waiting for the slowest core each step (measured at B=64, H=1024: the
+// two threads' products took 4.1 and 4.5 ms). Such layers are cut into kBlocksPerThread
+// blocks per thread, which the threads take in turn as they finish (see take_blocks).
 constexpr int64_t kMinBlockWork = int64_t(1) << 18;
+constexpr int64_t kPrivateCacheBytes = int64_t(768) << 10;
+constexpr int64_t kBlocksPerThread = 8;
 
 struct UnitBlock {
   int64_t j0, n;
 };
 
-inline std::vector<UnitBlock> unit_blocks(int64_t H, int64_t work_per_step) {
-  int64_t count = std::min<int64_t>(at::get_num_threads(), work_per_step / kMinBlockWork);
+inline std::vector<UnitBlock> unit_blocks(int64_t H, int64_t work_per_step, int64_t weight_bytes) {
+  const int64_t threads = at::get_num_threads();
+  int64_t count = std::min<int64_t>(threads, work_per_step / kMinBlockWork);
+  if (count == threads && weight_bytes / threads > kPrivateCacheBytes) count = threads * kBlocksPerThread;
   count = std::max<int64_t>(1, std::min<int64_t>(count, H / 16));
   std::vector<UnitBlock> blocks;
   int64_t j0 = 0;
@@ -95,6 +106,26 @@ inline std::vector<UnitBlock> unit_blocks(int64_t H, int64_t work_per_step) {
     j0 = std::max(j0, j1);
   }
   return blocks;
+}
+
+// Runs run_block(k) for every block k once, on all threads: one block per thread when there
+// are as many blocks as threads (each thread keeps its slice of W_hh from step to step),
+// else each thread takes the next block not yet taken until none is left.
+template <class F>
+void take_blocks(int64_t n_blocks, const F& run_block) {
+  if (n_blocks == 1) {
+    run_block(0);
+  } else if (n_blocks <= at::get_num_threads()) {
+    // One block per task: the GEMM called inside runs on this thread alone.
+    at::parallel_for(0, n_blocks, 1, [&](int64_t k0, int64_t k1) {
+      for (int64_t k = k0; k < k1; ++k) run_block(k);
+    });
+  } else {
+    std::atomic<int64_t> next{0};
+    at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+      for (int64_t k = next.fetch_add(1); k < n_blocks; k = next.fetch_add(1)) run_block(k);
+    });
+  }
 }
 
 // The rows of W (gate-major [G*H, cols]) that belong to units [j0, j0 + n) of every gate:
@@ -296,7 +327,7 @@ void gather_h_prev(const Steps& st, bool reverse, const T* y, const T* h0, int64
 // c_n [B, H] (undefined for cells without c) and the workspace [N, ws_cols] — [0, ws_cols]
 // when need_backward is false: inference writes only what the next step reads.
 //
-// Per step, each unit block (one per thread, see unit_blocks): gh = h_prev @ W_hh[block]^T,
+// Per step, each unit block (see unit_blocks): gh = h_prev @ W_hh[block]^T,
 // then the pointwise pass over the block (write h, and in training save the cell's gates and
 // state); then with a projection y = r @ W_hr^T. h_prev is read straight from the previous
 // step's output rows (or the initial state), so no state is copied per step; h_n is gathered
@@ -324,7 +355,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(const Tensor& x_in, con
 
   const Tensor x = x_in.contiguous().view({st.N, sz.I});
   const Tensor w_hh_c = w_hh.contiguous();
-  const std::vector<UnitBlock> blocks = unit_blocks(H, B * GH * Hout);
+  const std::vector<UnitBlock> blocks = unit_blocks(H, B * GH * Hout, GH * Hout * x.element_size());
   const int64_t n_blocks = static_cast<int64_t>(blocks.size());
   const bool gh_bias = Cell::kRecurrentBias && b_hh.has_value();
   // gi = x @ W_ih^T + b_ih (+ b_hh when the cell adds it outside the recurrence), computed
@@ -425,14 +456,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(const Tensor& x_in, con
             Cell::template forward_rows<scalar_t>(step, b, b + 1);
           }
         };
-        if (n_blocks == 1) {
-          run_block(0);
-        } else {
-          // One block per task: the BLAS called inside runs on this thread alone.
-          at::parallel_for(0, n_blocks, 1, [&](int64_t k0, int64_t k1) {
-            for (int64_t k = k0; k < k1; ++k) run_block(k);
-          });
-        }
+        take_blocks(n_blocks, run_block);
         if (sz.proj) {
           // h = r @ W_hr^T: [rows, H] x [H, Hout]
           w_hr_step->multiply(rows, h_out, h_out_ld, false, y_ptr + off * Hout, Hout);

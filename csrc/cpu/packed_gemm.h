@@ -79,12 +79,13 @@ inline void pack(const float* w, int64_t n, int64_t k, int64_t s_j, int64_t s_p,
 template <int R>
 RNNEXT_AVX2 __attribute__((always_inline)) inline void micro_kernel(int64_t kc, const float* a, int64_t lda,
                                                                     const float* strip, float* c, int64_t ldc,
-                                                                    bool add) {
+                                                                    bool add, const float* prefetch) {
   static_assert(R >= 1 && R <= kMr, "rows per micro-kernel");
   __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00, c31 = c00,
          c40 = c00, c41 = c00, c50 = c00, c51 = c00;
   const float *a0 = a, *a1 = a + lda, *a2 = a + 2 * lda, *a3 = a + 3 * lda, *a4 = a + 4 * lda, *a5 = a + 5 * lda;
   for (int64_t p = 0; p < kc; ++p) {
+    if (prefetch) _mm_prefetch(reinterpret_cast<const char*>(prefetch + p * kNr), _MM_HINT_T0);
     const __m256 b0 = _mm256_loadu_ps(strip + p * kNr), b1 = _mm256_loadu_ps(strip + p * kNr + 8);
 #define RNNEXT_FMA_ROW(r)                                  \
   if constexpr (R > r) {                                   \
@@ -111,9 +112,11 @@ RNNEXT_AVX2 __attribute__((always_inline)) inline void micro_kernel(int64_t kc, 
 }
 
 // Rows [0, m) of one strip, kMr at a time; `cols` < 16 only for the last, padded strip,
-// which goes through a [kMr, 16] buffer so nothing past column n is touched.
+// which goes through a [kMr, 16] buffer so nothing past column n is touched. The first row
+// block also prefetches the strip after this one (the weight streams from L3 or memory, and
+// the hardware prefetcher restarts at every strip).
 RNNEXT_AVX2 inline void strip_rows(int64_t m, int64_t kc, const float* a, int64_t lda, const float* strip, float* c,
-                                   int64_t ldc, bool add, int64_t cols) {
+                                   int64_t ldc, bool add, int64_t cols, const float* next_strip) {
   for (int64_t i = 0; i < m; i += kMr) {
     const int64_t r = std::min(kMr, m - i);
     const float* ai = a + i * lda;
@@ -122,13 +125,14 @@ RNNEXT_AVX2 inline void strip_rows(int64_t m, int64_t kc, const float* a, int64_
     float* dst = cols == kNr ? ci : tile;
     const int64_t ld = cols == kNr ? ldc : kNr;
     const bool add_here = cols == kNr && add;
+    const float* pf = i == 0 ? next_strip : nullptr;
     switch (r) {
-      case 6: micro_kernel<6>(kc, ai, lda, strip, dst, ld, add_here); break;
-      case 5: micro_kernel<5>(kc, ai, lda, strip, dst, ld, add_here); break;
-      case 4: micro_kernel<4>(kc, ai, lda, strip, dst, ld, add_here); break;
-      case 3: micro_kernel<3>(kc, ai, lda, strip, dst, ld, add_here); break;
-      case 2: micro_kernel<2>(kc, ai, lda, strip, dst, ld, add_here); break;
-      default: micro_kernel<1>(kc, ai, lda, strip, dst, ld, add_here); break;
+      case 6: micro_kernel<6>(kc, ai, lda, strip, dst, ld, add_here, pf); break;
+      case 5: micro_kernel<5>(kc, ai, lda, strip, dst, ld, add_here, pf); break;
+      case 4: micro_kernel<4>(kc, ai, lda, strip, dst, ld, add_here, pf); break;
+      case 3: micro_kernel<3>(kc, ai, lda, strip, dst, ld, add_here, pf); break;
+      case 2: micro_kernel<2>(kc, ai, lda, strip, dst, ld, add_here, pf); break;
+      default: micro_kernel<1>(kc, ai, lda, strip, dst, ld, add_here, pf); break;
     }
     if (cols != kNr) {
       for (int64_t rr = 0; rr < r; ++rr) {
@@ -148,8 +152,8 @@ RNNEXT_AVX2 inline void multiply_strips(int64_t m, int64_t n, int64_t k, const f
     const bool add = accumulate || p0 > 0;
     for (int64_t s = s0; s < s1; ++s) {
       const int64_t j0 = s * kNr;
-      strip_rows(m, kc, a + p0, lda, packed + strip_offset(p0, j0, kc, n_pad), c + j0, ldc, add,
-                 std::min(kNr, n - j0));
+      const float* strip = packed + strip_offset(p0, j0, kc, n_pad);
+      strip_rows(m, kc, a + p0, lda, strip, c + j0, ldc, add, std::min(kNr, n - j0), s + 1 < s1 ? strip + kc * kNr : nullptr);
     }
   }
 }
