@@ -113,3 +113,25 @@ def test_blocks_taken_in_turn(cell, dtype):
     ref, ours = make_pair(cell, 24, LARGE_HIDDEN[cell], dtype=dtype)
     x, hx = make_inputs(ref, with_hx=True, seq_len=4, batch=8)
     compare(run(ref, x, hx), run(ours, x, hx), dtype)
+
+
+# From 32 rows per step the forward computes each unit block's slice of the input
+# projection per step, next to its recurrent product (fuse_input_product), instead of a
+# chunk of steps at a time. 35 rows: five 6-row GEMM blocks and a 5-row remainder.
+FUSED_BATCH = 35
+FUSED_LENGTHS = [(7 * i) % 6 + 1 for i in range(FUSED_BATCH)]
+
+
+@pytest.mark.parametrize("cell,dtype", SHARED, ids=[f"{c}-{str(d)[6:]}" for c, d in SHARED])
+def test_input_product_per_step(cell, dtype):
+    ref, ours = make_pair(cell, IN, HID, dtype=dtype, num_layers=2, bidirectional=True)
+    x, hx = make_inputs(ref, with_hx=True, seq_len=6, batch=FUSED_BATCH)
+    compare(run(ref, x, hx), run(ours, x, hx), dtype)
+    compare(run_packed(ref, x, FUSED_LENGTHS, hx, False), run_packed(ours, x, FUSED_LENGTHS, hx, False), dtype)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_input_product_per_step_blocks_taken_in_turn(cell):
+    ref, ours = make_pair(cell, 24, LARGE_HIDDEN[cell], dtype=torch.float32)
+    x, hx = make_inputs(ref, with_hx=True, seq_len=3, batch=FUSED_BATCH)
+    compare(run(ref, x, hx), run(ours, x, hx), torch.float32)

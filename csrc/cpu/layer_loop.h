@@ -211,12 +211,23 @@ inline Steps make_steps(const Tensor& x, const OptTensor& batch_sizes, int64_t B
   return s;
 }
 
+// Where the input projection gi = x @ W_ih^T (+ biases) is computed. With enough rows per
+// step, and the step loop split across threads, each unit block computes its own slice of
+// gi for the step, next to its slice of gh, into a buffer that stays in its cache: no pass
+// over a [rows, G*H] buffer for the whole sequence, and the input product is split across
+// threads like the recurrent one. Measured (T=100, B=32, H=256 LSTM, 2 threads): 5-10 %
+// faster than projecting a chunk of steps at a time; at B <= 16 the per-step product is too
+// small to run at full speed and the chunks (below) win.
+constexpr int64_t kFuseInputMinRows = 32;
+
+inline bool fuse_input_product(int64_t B, int64_t n_blocks) { return B >= kFuseInputMinRows && n_blocks > 1; }
+
 // A run of consecutive steps [t0, t1) and the rows they own, [row0, row0 + rows).
 struct StepChunk {
   int64_t t0, t1, row0, rows;
 };
 
-// The forward computes the input projection gi = x @ W_ih^T one chunk of steps at a time,
+// Otherwise the forward computes the input projection one chunk of steps at a time,
 // just before the steps that read it: a chunk of ~kChunkBytes of gi is still in cache when
 // its steps run, it is big enough (>= kMinChunkRows rows) for the GEMM to run at full speed,
 // and the buffer is the same from chunk to chunk and call to call (scratch). Chunks are
@@ -358,14 +369,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(const Tensor& x_in, con
   const std::vector<UnitBlock> blocks = unit_blocks(H, B * GH * Hout, GH * Hout * x.element_size());
   const int64_t n_blocks = static_cast<int64_t>(blocks.size());
   const bool gh_bias = Cell::kRecurrentBias && b_hh.has_value();
-  // gi = x @ W_ih^T + b_ih (+ b_hh when the cell adds it outside the recurrence), computed
-  // per chunk of steps into one reused buffer (see step_chunks).
+  // gi = x @ W_ih^T + b_ih (+ b_hh when the cell adds it outside the recurrence): per step
+  // and unit block into a [B, G*H] buffer laid out like gh (fuse_input_product), or per
+  // chunk of steps into one reused buffer (step_chunks; fused, the whole sequence is one
+  // chunk with no projection of its own).
   OptTensor gi_bias;
   if (b_ih.has_value()) gi_bias = (Cell::kRecurrentBias ? *b_ih : (*b_ih + *b_hh)).contiguous();
-  const std::vector<StepChunk> chunks = step_chunks(st, GH * x.element_size(), reverse);
+  const bool fuse_input = fuse_input_product(B, n_blocks);
+  const std::vector<StepChunk> chunks =
+      fuse_input ? std::vector<StepChunk>{{0, st.T, 0, st.N}} : step_chunks(st, GH * x.element_size(), reverse);
   int64_t chunk_cap = 0;
   for (const StepChunk& ch : chunks) chunk_cap = std::max(chunk_cap, ch.rows);
-  Tensor gi = scratch(0, {chunk_cap, GH}, x.options());
+  Tensor gi = fuse_input ? x.new_empty({B, GH}) : scratch(0, {chunk_cap, GH}, x.options());
 
   Tensor y = x.new_empty({st.N, Hout});
   Tensor ws = x.new_empty({need_backward ? st.N : 0, ws_cols});
@@ -382,27 +397,35 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(const Tensor& x_in, con
     scalar_t* c_ptr = Cell::kHasCellState ? c_state.data_ptr<scalar_t>() : nullptr;
     scalar_t* gi_ptr = gi.data_ptr<scalar_t>();
     const scalar_t* x_ptr = x.data_ptr<scalar_t>();
-    const StepWeight<scalar_t> w_ih_step(w_ih, chunk_cap);
+    const std::optional<StepWeight<scalar_t>> w_ih_step =
+        fuse_input ? std::nullopt : std::make_optional<StepWeight<scalar_t>>(w_ih, chunk_cap);
     const int64_t h_out_ld = sz.proj ? (need_backward ? ws_cols : H) : Hout;
-    // Each unit block's slice of W_hh [G*n, Hout] and of b_hh [G*n].
     // y = r @ W_hr^T with a projection.
     const std::optional<StepWeight<scalar_t>> w_hr_step =
         sz.proj ? std::make_optional<StepWeight<scalar_t>>(*w_hr, B) : std::nullopt;
-    std::vector<StepWeight<scalar_t>> w_block;
-    std::vector<Tensor> b_block;
+    // Each unit block's slice of W_hh [G*n, Hout] and of b_hh [G*n]; fused, also of W_ih
+    // [G*n, I] and of gi's bias [G*n].
+    std::vector<StepWeight<scalar_t>> w_block, w_ih_block;
+    std::vector<Tensor> b_block, b_ih_block;
     for (const UnitBlock& ub : blocks) {
       w_block.emplace_back(gate_rows(w_hh_c, G, H, ub), B);
       b_block.push_back(gh_bias ? gate_rows(*b_hh, G, H, ub).contiguous() : Tensor());
+      if (fuse_input) {
+        w_ih_block.emplace_back(gate_rows(w_ih, G, H, ub), B);
+        b_ih_block.push_back(gi_bias.has_value() ? gate_rows(*gi_bias, G, H, ub).contiguous() : Tensor());
+      }
     }
     for (const StepChunk& ch : chunks) {
-      // gi[chunk] = x[chunk] @ W_ih^T (+ bias): [rows, I] x [I, G*H]
-      if (gi_bias.has_value()) {
-        const scalar_t* bias = gi_bias->data_ptr<scalar_t>();
-        at::parallel_for(0, ch.rows, row_grain(GH), [&](int64_t b0, int64_t b1) {
-          for (int64_t b = b0; b < b1; ++b) std::memcpy(gi_ptr + b * GH, bias, sizeof(scalar_t) * GH);
-        });
+      if (!fuse_input) {
+        // gi[chunk] = x[chunk] @ W_ih^T (+ bias): [rows, I] x [I, G*H]
+        if (gi_bias.has_value()) {
+          const scalar_t* bias = gi_bias->data_ptr<scalar_t>();
+          at::parallel_for(0, ch.rows, row_grain(GH), [&](int64_t b0, int64_t b1) {
+            for (int64_t b = b0; b < b1; ++b) std::memcpy(gi_ptr + b * GH, bias, sizeof(scalar_t) * GH);
+          });
+        }
+        w_ih_step->multiply(ch.rows, x_ptr + ch.row0 * sz.I, sz.I, gi_bias.has_value(), gi_ptr, GH);
       }
-      w_ih_step.multiply(ch.rows, x_ptr + ch.row0 * sz.I, sz.I, gi_bias.has_value(), gi_ptr, GH);
       for (int64_t s = 0; s < ch.t1 - ch.t0; ++s) {
         const int64_t t = reverse ? ch.t1 - 1 - s : ch.t0 + s;
         const int64_t rows = st.rows[t], off = st.offset[t];
@@ -436,9 +459,22 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(const Tensor& x_in, con
           ForwardStep<scalar_t> step;
           step.H = H;
           step.n = ub.n;
-          step.gi = gi_t + ub.j0;
-          step.gi_ld = GH;
-          step.gi_gs = H;
+          if (fuse_input) {
+            // gi = x_t @ W_ih[block]^T (+ bias[block]): [rows, I] x [I, G*n]
+            scalar_t* gi_k = gi_ptr + B * G * ub.j0;
+            if (gi_bias.has_value()) {
+              const scalar_t* bias = b_ih_block[k].data_ptr<scalar_t>();
+              for (int64_t b = 0; b < rows; ++b) std::memcpy(gi_k + b * gn, bias, sizeof(scalar_t) * gn);
+            }
+            w_ih_block[k].multiply(rows, x_ptr + off * sz.I, sz.I, gi_bias.has_value(), gi_k, gn);
+            step.gi = gi_k;
+            step.gi_ld = gn;
+            step.gi_gs = ub.n;
+          } else {
+            step.gi = gi_t + ub.j0;
+            step.gi_ld = GH;
+            step.gi_gs = H;
+          }
           step.gh = gh_k;
           step.gh_ld = gn;
           step.gh_gs = ub.n;
@@ -452,7 +488,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(const Tensor& x_in, con
           // Row by row, fetching the next row's input projection (a cold, strided read from
           // the [N, G*H] gi buffer) while this row's gate math runs.
           for (int64_t b = 0; b < rows; ++b) {
-            if (b + 1 < rows) prefetch_gates(step.gi + (b + 1) * GH, G, H, ub.n);
+            if (b + 1 < rows && !fuse_input) prefetch_gates(step.gi + (b + 1) * GH, G, H, ub.n);
             Cell::template forward_rows<scalar_t>(step, b, b + 1);
           }
         };
