@@ -7,12 +7,13 @@
 //  * gemm(): row-major C = op(A) op(B) (+ C) on raw pointers, straight into the BLAS that
 //    torch itself links (sgemm_/dgemm_, looked up once at run time). Where this torch build
 //    exports no such symbol, it falls back to at::mm_out/addmm_ on views of the same memory.
-//  * StepWeight: x @ W^T for a weight used at every time step (W_hh forward, W_hh^T backward),
-//    prepared once per op call: transposed for small_gemm_nn at a few rows, else packed into
-//    MKL's panel layout (cblas_sgemm_pack) so no step pays for copying the weight.
+//  * StepWeight: x @ W^T for a weight used at every time step (W_hh, W_ih slices forward,
+//    W_hh^T backward) or every chunk of steps, prepared once per op call: float32 packed for
+//    our AVX2 kernel (packed_gemm.h) at up to 256 rows per call, or into MKL's panel layout
+//    (cblas_sgemm_pack) beyond; transposed for small_gemm_nn at a few rows; else plain BLAS.
 //  * OneDnnLinear: x @ W^T through oneDNN (torch's mkldnn::_linear_pointwise) with W
-//    prepacked once per op call, for the large one-shot products (input projection, grad of
-//    x); each call costs ~15 us, so only large float32 products take this route.
+//    prepacked once per op call, for the one-shot grad of x in backward; each call costs
+//    ~15 us, so only large float32 products take this route.
 #pragma once
 
 #include <ATen/ATen.h>
