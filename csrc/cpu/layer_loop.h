@@ -485,8 +485,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(const Tensor& x_in, con
           step.c_state = c_ptr ? c_ptr + ub.j0 : nullptr;
           step.h_out = h_out + ub.j0;
           step.h_out_ld = h_out_ld;
-          // Row by row, fetching the next row's input projection (a cold, strided read from
-          // the [N, G*H] gi buffer) while this row's gate math runs.
+          // Row by row; from a chunk's gi buffer (a strided read that may have left the
+          // cache), fetching the next row's gates while this row's gate math runs.
           for (int64_t b = 0; b < rows; ++b) {
             if (b + 1 < rows && !fuse_input) prefetch_gates(step.gi + (b + 1) * GH, G, H, ub.n);
             Cell::template forward_rows<scalar_t>(step, b, b + 1);
