@@ -117,8 +117,12 @@ RNNEXT_AVX2 __attribute__((always_inline)) inline void micro_kernel(int64_t kc, 
 // the hardware prefetcher restarts at every strip).
 RNNEXT_AVX2 inline void strip_rows(int64_t m, int64_t kc, const float* a, int64_t lda, const float* strip, float* c,
                                    int64_t ldc, bool add, int64_t cols, const float* next_strip) {
-  for (int64_t i = 0; i < m; i += kMr) {
-    const int64_t r = std::min(kMr, m - i);
+  for (int64_t i = 0, r = 0; i < m; i += r) {
+    // kMr rows at a time, but never a last block of 1-3 rows after a full one: with fewer
+    // than 8 accumulators the FMA latency, not the FMA units, sets the pace (a 2-row block
+    // runs at half speed). 7, 8, 9 rows left go as 4+3, 4+4, 5+4.
+    const int64_t left = m - i;
+    r = left > kMr && left < kMr + 4 ? left - 4 + (left == kMr + 1) : std::min(kMr, left);
     const float* ai = a + i * lda;
     float* ci = c + i * ldc;
     float tile[kMr * kNr];
