@@ -224,6 +224,14 @@ class StepWeight {
     }
   }
 
+  // C[rows, n] = bias (every row) + A @ W^T, or A @ W^T without a bias: bias [n] or nullptr.
+  void multiply_bias(int64_t rows, const T* a, int64_t lda, const T* bias, T* c, int64_t ldc) const {
+    if (bias) {
+      for (int64_t b = 0; b < rows; ++b) std::memcpy(c + b * ldc, bias, sizeof(T) * n_);
+    }
+    multiply(rows, a, lda, bias != nullptr, c, ldc);
+  }
+
   // Products of more rows per call than this go to the BLAS.
   static constexpr int64_t kMaxOwnGemmRows = 256;
 

@@ -415,21 +415,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(const Tensor& x_in, con
         b_ih_block.push_back(gi_bias.has_value() ? gate_rows(*gi_bias, G, H, ub).contiguous() : Tensor());
       }
     }
+    auto data_or_null = [](const Tensor& t) { return t.defined() ? t.data_ptr<scalar_t>() : nullptr; };
+    const scalar_t* gi_bias_ptr = gi_bias.has_value() ? gi_bias->data_ptr<scalar_t>() : nullptr;
     for (const StepChunk& ch : chunks) {
-      if (!fuse_input) {
-        // gi[chunk] = x[chunk] @ W_ih^T (+ bias): [rows, I] x [I, G*H]
-        if (gi_bias.has_value()) {
-          const scalar_t* bias = gi_bias->data_ptr<scalar_t>();
-          at::parallel_for(0, ch.rows, row_grain(GH), [&](int64_t b0, int64_t b1) {
-            for (int64_t b = b0; b < b1; ++b) std::memcpy(gi_ptr + b * GH, bias, sizeof(scalar_t) * GH);
-          });
-        }
-        w_ih_step->multiply(ch.rows, x_ptr + ch.row0 * sz.I, sz.I, gi_bias.has_value(), gi_ptr, GH);
-      }
+      // gi[chunk] = x[chunk] @ W_ih^T (+ bias): [rows, I] x [I, G*H]
+      if (!fuse_input) w_ih_step->multiply_bias(ch.rows, x_ptr + ch.row0 * sz.I, sz.I, gi_bias_ptr, gi_ptr, GH);
       for (int64_t s = 0; s < ch.t1 - ch.t0; ++s) {
         const int64_t t = reverse ? ch.t1 - 1 - s : ch.t0 + s;
         const int64_t rows = st.rows[t], off = st.offset[t];
-        const scalar_t* gi_t = gi_ptr + (off - ch.row0) * GH;
         // h_prev [rows, Hout]: the previous step's output rows, or the initial state. Only a
         // packed sequence in reverse grows: rows past the previous step's begin here from h0,
         // which h_state still holds.
@@ -451,27 +444,19 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(const Tensor& x_in, con
           const int64_t gn = G * ub.n;
           scalar_t* gh_k = gh_ptr + B * G * ub.j0;
           // gh = h_prev @ W_hh[block]^T (+ b_hh[block]): [rows, Hout] x [Hout, G*n]
-          if (gh_bias) {
-            const scalar_t* bias = b_block[k].data_ptr<scalar_t>();
-            for (int64_t b = 0; b < rows; ++b) std::memcpy(gh_k + b * gn, bias, sizeof(scalar_t) * gn);
-          }
-          w_block[k].multiply(rows, h_prev, Hout, gh_bias, gh_k, gn);
+          w_block[k].multiply_bias(rows, h_prev, Hout, data_or_null(b_block[k]), gh_k, gn);
           ForwardStep<scalar_t> step;
           step.H = H;
           step.n = ub.n;
           if (fuse_input) {
             // gi = x_t @ W_ih[block]^T (+ bias[block]): [rows, I] x [I, G*n]
             scalar_t* gi_k = gi_ptr + B * G * ub.j0;
-            if (gi_bias.has_value()) {
-              const scalar_t* bias = b_ih_block[k].data_ptr<scalar_t>();
-              for (int64_t b = 0; b < rows; ++b) std::memcpy(gi_k + b * gn, bias, sizeof(scalar_t) * gn);
-            }
-            w_ih_block[k].multiply(rows, x_ptr + off * sz.I, sz.I, gi_bias.has_value(), gi_k, gn);
+            w_ih_block[k].multiply_bias(rows, x_ptr + off * sz.I, sz.I, data_or_null(b_ih_block[k]), gi_k, gn);
             step.gi = gi_k;
             step.gi_ld = gn;
             step.gi_gs = ub.n;
           } else {
-            step.gi = gi_t + ub.j0;
+            step.gi = gi_ptr + (off - ch.row0) * GH + ub.j0;
             step.gi_ld = GH;
             step.gi_gs = H;
           }
