@@ -18,7 +18,7 @@ CELLS = ("rnn_tanh", "rnn_relu", "gru", "lstm")
 GATES = {"rnn_tanh": 1, "rnn_relu": 1, "gru": 3, "lstm": 4}
 # Workspace columns in units of hidden_size; mirrors Cell::cell_ws_cols in csrc/cpu/<cell>.cpp
 # (opcheck compares the fake kernels below with the real ones).
-_CELL_WS_COLS = {"rnn_tanh": 0, "rnn_relu": 0, "gru": 4, "lstm": 6}
+_CELL_WS_COLS = {"rnn_tanh": 0, "rnn_relu": 0, "gru": 4, "lstm": 5}
 
 
 def workspace_cols(cell: str, hidden_size: int, proj: bool) -> int:
@@ -108,7 +108,7 @@ def _register_fakes(cell):
             return _fake_forward(cell, x, h0, c0, w_ih, w_hh, w_hr, need_backward)
 
         @torch.library.register_fake("rnnext::lstm_layer_backward")
-        def _(grad_y, grad_h_n, grad_c_n, x, w_ih, w_hh, w_hr, batch_sizes, reverse, has_bias, y, ws, h0):
+        def _(grad_y, grad_h_n, grad_c_n, x, w_ih, w_hh, w_hr, batch_sizes, reverse, has_bias, y, ws, h0, c0):
             return _fake_backward(cell, grad_h_n, grad_c_n, x, w_ih, w_hh, w_hr, has_bias)
     else:
         @torch.library.register_fake(f"rnnext::{cell}_layer_forward")
@@ -166,7 +166,8 @@ def _register_autograd(cell):
             out = _reference_grads(cell, s, w, ctx.reverse, grad_y, grad_h_n, grad_c_n)
         elif is_lstm:
             out = _backward_op(cell)(grad_y, grad_h_n, grad_c_n, s["x"], w.w_ih, w.w_hh, w.w_hr,
-                                     s["batch_sizes"], ctx.reverse, has_bias, s["y"], s["ws"], s["h0"])
+                                     s["batch_sizes"], ctx.reverse, has_bias, s["y"], s["ws"], s["h0"],
+                                     s["c0"])
             gx, gh0, gc0, gw_ih, gw_hh, gb_ih, gb_hh, gw_hr = out
             out = dict(x=gx, h0=gh0, c0=gc0, w_ih=gw_ih, w_hh=gw_hh, b_ih=gb_ih, b_hh=gb_hh, w_hr=gw_hr)
         else:

@@ -762,14 +762,14 @@ def _backward_args(cell: str, packed_input: bool = False) -> Dict[str, object]:
     y, h_n, ws = out[0], out[1], out[-1]
     return dict(grad_y=torch.ones_like(y), grad_h_n=torch.ones_like(h_n), grad_c_n=torch.ones(B, H),
                 x=a["x"], w_ih=a["w_ih"], w_hh=a["w_hh"], w_hr=None, batch_sizes=a["batch_sizes"],
-                reverse=False, has_bias=True, y=y, ws=ws, h0=a["h0"])
+                reverse=False, has_bias=True, y=y, ws=ws, h0=a["h0"], c0=a.get("c0"))
 
 
 def call_backward_op(cell: str, a: Dict[str, object]):
     if cell == "lstm":
         return torch.ops.rnnext.lstm_layer_backward(
             a["grad_y"], a["grad_h_n"], a["grad_c_n"], a["x"], a["w_ih"], a["w_hh"], a["w_hr"],
-            a["batch_sizes"], a["reverse"], a["has_bias"], a["y"], a["ws"], a["h0"])
+            a["batch_sizes"], a["reverse"], a["has_bias"], a["y"], a["ws"], a["h0"], a["c0"])
     op = getattr(torch.ops.rnnext, f"{cell}_layer_backward")
     return op(a["grad_y"], a["grad_h_n"], a["x"], a["w_ih"], a["w_hh"], a["batch_sizes"], a["reverse"],
               a["has_bias"], a["y"], a["ws"], a["h0"])
@@ -791,6 +791,8 @@ BACKWARD_OP_CASES = [
     ("grad_h_n_batch", False, None, _set(grad_h_n=lambda a, g: torch.ones(B + 1, H)), ["batch|grad_c_n"]),
     ("grad_h_n_3d", False, None, _set(grad_h_n=lambda a, g: torch.ones(1, B, H)), ["grad_h_n"]),
     ("grad_c_n_hidden", False, ("lstm",), _set(grad_c_n=lambda a, g: torch.ones(B, H + 1)), ["grad_c_n"]),
+    ("c0_hidden", False, ("lstm",), _set(c0=lambda a, g: torch.ones(B, H + 1)), ["c0"]),
+    ("c0_float64", False, ("lstm",), _set(c0=lambda a, g: a["c0"].double()), ["c0", "dtype"]),
     ("w_hh_cols", False, None, _set(w_hh=lambda a, g: torch.randn(g * H, H + 1)), ["w_hh"]),
     ("w_ih_rows", False, ("gru", "lstm"), _set(w_ih=lambda a, g: torch.randn(g * H + 1, I)), ["w_ih"]),
     ("x_int32", False, None, _set(x=lambda a, g: a["x"].int()), ["float32 or float64"]),

@@ -150,7 +150,7 @@ def backward_args(cell, *, bias, reverse, proj):
     if cell == "lstm":
         x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, rev = fwd
         y, h_n, c_n, ws = outs
-        return (r(y), r(h_n), r(c_n), x, w_ih, w_hh, w_hr, batch_sizes, rev, bias, y, ws, h0)
+        return (r(y), r(h_n), r(c_n), x, w_ih, w_hh, w_hr, batch_sizes, rev, bias, y, ws, h0, c0)
     x, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, rev = fwd
     y, h_n, ws = outs
     return (r(y), r(h_n), x, w_ih, w_hh, batch_sizes, rev, bias, y, ws, h0)

@@ -59,6 +59,10 @@ struct BackwardStep {
   const T* dh; int64_t dh_ld;   // [rows, H] gradient of the cell's h (or r with projection)
   T* dc_state;                  // [rows, H] LSTM: in dc of c_t, out dc of c_prev
   const T* ws; int64_t ws_ld;   // [rows, ws_cols]
+  // The previous step's workspace rows (ld ws_ld), for rows b < carried, which it also
+  // processed; rows from carried on begin at this step and start from c0 [B, H] (LSTM).
+  const T* ws_prev; int64_t carried;
+  const T* c0;
   const T* h_prev;              // [rows, Hout] (leading dimension Hout)
   const T* y; int64_t y_ld;     // [rows, Hout] this step's output h_t
   T* d_gi; int64_t d_gi_ld;     // [rows, G*H] gradient of the input-side pre-activations
@@ -510,7 +514,8 @@ template <class Cell>
 std::vector<Tensor> layer_backward(const Tensor& grad_y_in, const Tensor& grad_h_n, const OptTensor& grad_c_n,
                                    const Tensor& x_in, const Tensor& w_ih, const Tensor& w_hh,
                                    const OptTensor& w_hr, const OptTensor& batch_sizes, bool reverse,
-                                   bool has_bias, const Tensor& y_in, const Tensor& ws_in, const Tensor& h0) {
+                                   bool has_bias, const Tensor& y_in, const Tensor& ws_in, const Tensor& h0,
+                                   const OptTensor& c0) {
   const LayerSizes sz = check_weights<Cell>(x_in, w_ih, w_hh, std::nullopt, std::nullopt, w_hr);
   const int64_t H = sz.H, Hout = sz.Hout, GH = sz.G * sz.H;
   check_same(x_in, grad_h_n, "grad_h_n");
@@ -533,6 +538,11 @@ std::vector<Tensor> layer_backward(const Tensor& grad_y_in, const Tensor& grad_h
   check_shape(ws_in, {st.N, ws_cols}, "workspace");
   check_same(x_in, h0, "h0");
   check_shape(h0, {B, Hout}, "h0");
+  if (Cell::kHasCellState) {
+    TORCH_CHECK(c0.has_value(), "rnnext: c0 is required");
+    check_same(x_in, *c0, "c0");
+    check_shape(*c0, {B, H}, "c0");
+  }
 
   const Tensor x = x_in.contiguous().view({st.N, sz.I});
   const Tensor grad_y = grad_y_in.contiguous().view({st.N, Hout});
@@ -550,6 +560,7 @@ std::vector<Tensor> layer_backward(const Tensor& grad_y_in, const Tensor& grad_h
   // h_prev of every row, for the GRU's pointwise backward and for dW_hh.
   Tensor h_prev_all = x.new_empty({st.N, Hout});
   const Tensor h0_c = h0.contiguous();
+  const Tensor c0_c = Cell::kHasCellState ? c0->contiguous() : Tensor();
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rnnext_layer_backward", [&] {
     gather_h_prev<scalar_t>(st, reverse, y.data_ptr<scalar_t>(), h0_c.data_ptr<scalar_t>(), Hout,
@@ -568,6 +579,7 @@ std::vector<Tensor> layer_backward(const Tensor& grad_y_in, const Tensor& grad_h
     step.dh = dh_buf_ptr;
     step.dh_ld = dh_buf.size(1);
     step.dc_state = Cell::kHasCellState ? dc_state.data_ptr<scalar_t>() : nullptr;
+    step.c0 = Cell::kHasCellState ? c0_c.data_ptr<scalar_t>() : nullptr;
     step.ws_ld = ws_cols;
     step.y_ld = Hout;
     step.d_gi_ld = GH;
@@ -585,6 +597,9 @@ std::vector<Tensor> layer_backward(const Tensor& grad_y_in, const Tensor& grad_h
         w_hr_step->multiply(rows, dh_t, Hout, false, dh_buf_ptr, H);
       }
       step.ws = ws.data_ptr<scalar_t>() + off * ws_cols;
+      const int64_t prev = previous_step(st, t, reverse);
+      step.ws_prev = prev < 0 ? nullptr : ws.data_ptr<scalar_t>() + st.offset[prev] * ws_cols;
+      step.carried = prev < 0 ? 0 : std::min(rows, st.rows[prev]);
       step.h_prev = h_prev_all.data_ptr<scalar_t>() + off * Hout;
       step.y = y.data_ptr<scalar_t>() + off * Hout;
       step.d_gi = d_gi.data_ptr<scalar_t>() + off * GH;

@@ -71,7 +71,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& w_hh, const OptTensor& batch_sizes, bool reverse, bool has_bias, const at::Tensor& y,
     const at::Tensor& workspace, const at::Tensor& h0) {
   auto g = layer_backward<RnnCell<kRelu>>(grad_y, grad_h_n, std::nullopt, x, w_ih, w_hh, std::nullopt, batch_sizes,
-                                          reverse, has_bias, y, workspace, h0);
+                                          reverse, has_bias, y, workspace, h0, std::nullopt);
   return {g[0], g[1], g[3], g[4], g[5], g[6]};
 }
 
