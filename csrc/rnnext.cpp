@@ -42,6 +42,7 @@ TORCH_LIBRARY(rnnext, m) {
   m.def("lstm_layer_forward(Tensor x, Tensor h0, Tensor c0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, "
         "Tensor? b_hh, Tensor? w_hr, Tensor? batch_sizes, bool reverse, bool need_backward=True) "
         "-> (Tensor, Tensor, Tensor, Tensor)");
+  // c0 gives c_prev of the rows' first steps (the workspace keeps c, not c_prev)
   // -> (grad_x, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh, grad_w_hr)
   m.def("lstm_layer_backward(Tensor grad_y, Tensor grad_h_n, Tensor grad_c_n, Tensor x, Tensor w_ih, "
         "Tensor w_hh, Tensor? w_hr, Tensor? batch_sizes, bool reverse, bool has_bias, Tensor y, "

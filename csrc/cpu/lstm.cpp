@@ -1,7 +1,8 @@
 // LSTM on the CPU: the cell policy for layer_loop.h and the op registrations.
 //
 // Workspace columns: [ i f g o (4H) | c (H) ], then r (H) with a projection. c_prev is not
-// saved: it is the previous step's c (or c0), which backward reads from there. b_hh is folded into the input projection (gi = x W_ih^T + b_ih + b_hh).
+// saved: it is the previous step's c (or c0), which backward reads from there. b_hh is
+// folded into the input projection (gi = x W_ih^T + b_ih + b_hh).
 #include <torch/library.h>
 
 #include "../cell_math.h"
