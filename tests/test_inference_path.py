@@ -65,3 +65,29 @@ def test_module_no_grad_equals_grad_forward():
     y1, h1 = gru(x)
     assert torch.equal(y0, y1) and torch.equal(h0, h1)
     assert y1.requires_grad and not y0.requires_grad
+
+
+@pytest.mark.parametrize("mode", ["RNN", "GRU", "LSTM"])
+def test_default_initial_state_is_not_saved_as_a_block(mode):
+    """Without hx the module's zero state is one expanded zero, so autograd keeps no
+    [layers * dirs, B, H] block for it (the state a training step saves for backward)."""
+    T, B, I, H = 3, 7, 3, 5  # no saved tensor but a state has B * H or 4 * B * H elements
+    m = getattr(rnnext, mode)(I, H, num_layers=2, bidirectional=True)
+    x = torch.randn(T, B, I, requires_grad=True)
+    sizes = []
+
+    def pack(t):
+        sizes.append(t.untyped_storage().nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y, _ = m(x)
+    one_state, all_states = 4 * B * H, 4 * 4 * B * H  # bytes (float32; 2 layers x 2 directions)
+    assert sizes, "nothing was saved for backward"
+    assert one_state not in sizes and all_states not in sizes, sizes
+    # The gradients are those of a materialised zero state.
+    ref = getattr(rnnext, mode)(I, H, num_layers=2, bidirectional=True)
+    ref.load_state_dict(m.state_dict())
+    zeros = torch.zeros(4, B, H)
+    y_ref, _ = ref(x, (zeros, zeros.clone()) if mode == "LSTM" else zeros)
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
