@@ -57,7 +57,8 @@ struct LstmCell {
       T* h = s.h_out + b * s.h_out_ld;
       if (s.ws) {
         T* w = s.ws + b * s.ws_ld;
-        forward_row<T, true>(s.n, gi, s.gi_gs, gh, s.gh_gs, c, w, w + H, w + 2 * H, w + 3 * H, w + 4 * H, h);
+        forward_row<T, true>(s.n, gi, s.gi_gs, gh, s.gh_gs, c, w, w + H, w + 2 * H, w + 3 * H,
+                             w + kCellStateCol * H, h);
       } else {
         forward_row<T, false>(s.n, gi, s.gi_gs, gh, s.gh_gs, c, nullptr, nullptr, nullptr, nullptr, nullptr, h);
       }
