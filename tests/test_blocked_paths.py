@@ -135,3 +135,23 @@ def test_input_product_per_step_blocks_taken_in_turn(cell):
     ref, ours = make_pair(cell, 24, LARGE_HIDDEN[cell], dtype=torch.float32)
     x, hx = make_inputs(ref, with_hx=True, seq_len=3, batch=FUSED_BATCH)
     compare(run(ref, x, hx), run(ours, x, hx), torch.float32)
+
+
+STREAMED = list(itertools.product(CELLS, (8, FUSED_BATCH)))
+
+
+@pytest.mark.parametrize("cell,batch", STREAMED, ids=[f"{c}-B{b}" for c, b in STREAMED])
+def test_streamed_weight_prefetch(cell, batch, monkeypatch):
+    """Forward steps whose weights exceed kStreamingWeightBytes (16 MiB) prefetch the next
+    weight strip spread over the row blocks (packed_gemm::strip_rows). RNNEXT_STREAMING_BYTES=0
+    takes that route at these small sizes, unfused (8 rows) and fused (35), with every row
+    count the 6-row blocks leave. Prefetches change no arithmetic: the bits equal the default
+    route's, and torch.nn is matched."""
+    ref, ours = make_pair(cell, 24, LARGE_HIDDEN[cell], dtype=torch.float32)
+    x, hx = make_inputs(ref, with_hx=True, seq_len=3, batch=batch)
+    default = run(ours, x, hx)
+    monkeypatch.setenv("RNNEXT_STREAMING_BYTES", "0")
+    streamed = run(ours, x, hx)
+    compare(run(ref, x, hx), streamed, torch.float32)
+    for key, value in default.items():
+        assert (streamed[key] is None) if value is None else torch.equal(value, streamed[key]), key

@@ -209,7 +209,9 @@ class StepWeight {
   void multiply(int64_t rows, const T* a, int64_t lda, bool accumulate, T* c, int64_t ldc) const {
     const T* w = w_.data_ptr<T>();
     if (own_) {
-      if constexpr (std::is_same_v<T, float>) packed_gemm::multiply(rows, n_, k_, a, lda, w, accumulate, c, ldc);
+      if constexpr (std::is_same_v<T, float>) {
+        packed_gemm::multiply(rows, n_, k_, a, lda, w, accumulate, c, ldc, streaming_);
+      }
     } else if (small_) {
       small_gemm_nn<T>(rows, n_, k_, a, lda, w, n_, accumulate, c, ldc);
     } else if (packed_) {
@@ -231,6 +233,10 @@ class StepWeight {
     }
     multiply(rows, a, lda, bias != nullptr, c, ldc);
   }
+
+  // Marks the weight as read from memory rather than cache at every call (the caller knows
+  // what else each step reads); only our packed GEMM acts on it.
+  void set_streaming(bool on) { streaming_ = on; }
 
   // Products of more rows per call than this go to the BLAS.
   static constexpr int64_t kMaxOwnGemmRows = 256;
@@ -257,7 +263,7 @@ class StepWeight {
   int64_t n_, k_;
   bool stored_transposed_;
   at::Tensor w_;
-  bool own_ = false, small_ = false, packed_ = false;
+  bool own_ = false, small_ = false, packed_ = false, streaming_ = false;
 };
 
 // y = x @ W^T through oneDNN, W [n, k] prepacked at construction. Usable only when

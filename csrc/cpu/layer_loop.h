@@ -226,6 +226,19 @@ constexpr int64_t kFuseInputMinRows = 32;
 
 inline bool fuse_input_product(int64_t B, int64_t n_blocks) { return B >= kFuseInputMinRows && n_blocks > 1; }
 
+// Weights read per forward step from this many bytes on are taken to stream from memory
+// (half the 32 MiB L3 of the machine we bench; the rest of a step's data shares it):
+// StepWeight::set_streaming. Measured: LSTM and GRU at H=1024 (32 and 24 MiB per step)
+// gain; RNN at H=1024 and LSTM at H=512 (8 MiB) do not. The backward's W_hh^T product
+// measured no gain either, so it keeps the default. RNNEXT_STREAMING_BYTES=n sets the bound
+// instead (read at every call: comparisons, and the tests' small shapes).
+constexpr int64_t kStreamingWeightBytes = int64_t(16) << 20;
+
+inline int64_t streaming_weight_bytes() {
+  if (const char* env = std::getenv("RNNEXT_STREAMING_BYTES")) return std::atoll(env);
+  return kStreamingWeightBytes;
+}
+
 // A run of consecutive steps [t0, t1) and the rows they own, [row0, row0 + rows).
 struct StepChunk {
   int64_t t0, t1, row0, rows;
@@ -411,11 +424,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(const Tensor& x_in, con
     // [G*n, I] and of gi's bias [G*n].
     std::vector<StepWeight<scalar_t>> w_block, w_ih_block;
     std::vector<Tensor> b_block, b_ih_block;
+    const bool streaming = (w_hh_c.numel() + (fuse_input ? w_ih.numel() : 0)) * x.element_size() >= streaming_weight_bytes();
     for (const UnitBlock& ub : blocks) {
       w_block.emplace_back(gate_rows(w_hh_c, G, H, ub), B);
+      w_block.back().set_streaming(streaming);
       b_block.push_back(gh_bias ? gate_rows(*b_hh, G, H, ub).contiguous() : Tensor());
       if (fuse_input) {
         w_ih_block.emplace_back(gate_rows(w_ih, G, H, ub), B);
+        w_ih_block.back().set_streaming(streaming);
         b_ih_block.push_back(gi_bias.has_value() ? gate_rows(*gi_bias, G, H, ub).contiguous() : Tensor());
       }
     }
