@@ -34,6 +34,28 @@ def _want_cuda():
     return bool(cuda_sources) and torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
 
 
+def _shared_libstdcxx():
+    """The libstdc++ shared library this build process runs with (torch imported), as a
+    linker argument, or [] where there is none to find.
+
+    Named to the linker by path, ahead of the compiler driver's own libraries, it resolves
+    every std:: symbol of _C.so. Where the driver's -lstdc++ finds a static archive first
+    (seen: the GCC 13 install of the lent GPU machines, whose library directory holds only
+    libstdc++.a), _C.so would otherwise carry a private copy of iostreams whose locale is
+    never set up, and formatting a number into an error message (TORCH_CHECK -> c10::str ->
+    ostringstream) segfaulted there, or dropped the number.
+    """
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                fields = line.split()
+                if len(fields) >= 6 and os.path.basename(fields[-1]).startswith("libstdc++.so"):
+                    return [fields[-1]]
+    except OSError:
+        pass
+    return []
+
+
 def _extension():
     sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
     # -g0 keeps the .so small and the build fast. -fopenmp makes at::parallel_for's inline
@@ -43,15 +65,16 @@ def _extension():
     # compiler if-convert the clamps and selects of the gate math, so the pointwise loops
     # vectorise (rnnext never relies on floating-point traps).
     cxx = ["-O3", "-g0", "-fopenmp", "-fno-trapping-math"]
+    link = _shared_libstdcxx()
     if _want_cuda():
         sources += _sources("csrc/cuda/*.cu")
         return cpp_extension.CUDAExtension(
             "rnnext._C", sources,
             define_macros=[("RNNEXT_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]},
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]}, extra_link_args=link,
         )
     return cpp_extension.CppExtension(
-        "rnnext._C", sources, extra_compile_args={"cxx": cxx},
+        "rnnext._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link,
     )
 
 

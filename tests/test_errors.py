@@ -378,7 +378,10 @@ def test_invalid_constructor_arguments(ref_cls, our_cls, args, kwargs, words):
     assert_same_error(lambda: ref_cls(*args, **kwargs), lambda: our_cls(*args, **kwargs), words)
 
 
-HUGE = 2 ** 40  # parameters of tens of TiB: the allocation must fail cleanly
+# Parameters of at least 2^56 bytes, past any x86-64 address space: the allocation must fail
+# cleanly. (At 2^40, [4, 2^40] was 16 TiB, which a sandbox with lazy overcommit (gVisor, on
+# the lent GPU machines) granted, and torch.nn's own initialisation was then killed.)
+HUGE = 2 ** 52
 HUGE_CASES = [
     ("RNN-hidden", nn.RNN, rnnext.RNN, (I, HUGE)),
     ("RNN-input", nn.RNN, rnnext.RNN, (HUGE, I)),
@@ -752,6 +755,21 @@ def test_forward_op_rejects_bad_tensors(cell, name, change, words):
     with pytest.raises(RuntimeError) as info:
         call_forward_op(cell, a)
     assert_message(info.value, words)
+
+
+def test_op_messages_carry_the_numbers():
+    """The C++ checks format sizes into their messages (TORCH_CHECK -> c10::str ->
+    ostringstream). Built against a private static copy of libstdc++ (a toolchain whose
+    -lstdc++ finds only libstdc++.a; setup.py's _shared_libstdcxx guards against it), that
+    formatting dropped the numbers here and segfaulted on the lent GPU machines."""
+    a = _op_args("rnn_tanh")
+    a["h0"] = torch.zeros(B + 1, H)
+    with pytest.raises(RuntimeError, match=rf"batch size {B} does not match the initial state's {B + 1}"):
+        call_forward_op("rnn_tanh", a)
+    a = _op_args("gru")
+    a["x"] = torch.tensor(1.0)
+    with pytest.raises(RuntimeError, match="got 0-D"):
+        call_forward_op("gru", a)
 
 
 def _backward_args(cell: str, packed_input: bool = False) -> Dict[str, object]:
