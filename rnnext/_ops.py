@@ -89,15 +89,17 @@ def _fake_forward(cell, x, h0, c0, w_ih, w_hh, w_hr, need_backward):
     return y, h_n, ws
 
 
-def _fake_backward(cell, grad_h_n, grad_c_n, x, w_ih, w_hh, w_hr, has_bias):
-    gate_rows = w_ih.shape[0]
-    bias = (lambda: x.new_empty((gate_rows,))) if has_bias else (lambda: x.new_empty((0,)))
-    grads = [x.new_empty(x.shape), grad_h_n.new_empty(grad_h_n.shape)]
+def _fake_backward(cell, grad_h_n, grad_c_n, x, w_ih, w_hh, w_hr, has_bias, need_grad_x, need_grad_weights):
+    def like(t, wanted=True):
+        return t.new_empty(t.shape) if wanted and t is not None else x.new_empty((0,))
+
+    bias = (lambda: x.new_empty((w_ih.shape[0],))) if has_bias and need_grad_weights else (lambda: x.new_empty((0,)))
+    grads = [like(x, need_grad_x), like(grad_h_n)]
     if cell == "lstm":
-        grads.append(grad_c_n.new_empty(grad_c_n.shape))
-    grads += [w_ih.new_empty(w_ih.shape), w_hh.new_empty(w_hh.shape), bias(), bias()]
+        grads.append(like(grad_c_n))
+    grads += [like(w_ih, need_grad_weights), like(w_hh, need_grad_weights), bias(), bias()]
     if cell == "lstm":
-        grads.append(w_hr.new_empty(w_hr.shape) if w_hr is not None else x.new_empty((0,)))
+        grads.append(like(w_hr, need_grad_weights))
     return tuple(grads)
 
 
@@ -108,16 +110,20 @@ def _register_fakes(cell):
             return _fake_forward(cell, x, h0, c0, w_ih, w_hh, w_hr, need_backward)
 
         @torch.library.register_fake("rnnext::lstm_layer_backward")
-        def _(grad_y, grad_h_n, grad_c_n, x, w_ih, w_hh, w_hr, batch_sizes, reverse, has_bias, y, ws, h0, c0):
-            return _fake_backward(cell, grad_h_n, grad_c_n, x, w_ih, w_hh, w_hr, has_bias)
+        def _(grad_y, grad_h_n, grad_c_n, x, w_ih, w_hh, w_hr, batch_sizes, reverse, has_bias, y, ws, h0, c0,
+              need_grad_x=True, need_grad_weights=True):
+            return _fake_backward(cell, grad_h_n, grad_c_n, x, w_ih, w_hh, w_hr, has_bias, need_grad_x,
+                                  need_grad_weights)
     else:
         @torch.library.register_fake(f"rnnext::{cell}_layer_forward")
         def _(x, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, need_backward=True):
             return _fake_forward(cell, x, h0, None, w_ih, w_hh, None, need_backward)
 
         @torch.library.register_fake(f"rnnext::{cell}_layer_backward")
-        def _(grad_y, grad_h_n, x, w_ih, w_hh, batch_sizes, reverse, has_bias, y, ws, h0):
-            return _fake_backward(cell, grad_h_n, None, x, w_ih, w_hh, None, has_bias)
+        def _(grad_y, grad_h_n, x, w_ih, w_hh, batch_sizes, reverse, has_bias, y, ws, h0, need_grad_x=True,
+              need_grad_weights=True):
+            return _fake_backward(cell, grad_h_n, None, x, w_ih, w_hh, None, has_bias, need_grad_x,
+                                  need_grad_weights)
 
 
 # ---------------------------------------------------------------- autograd
@@ -129,6 +135,7 @@ _INPUTS = {
 for _cell in ("rnn_tanh", "rnn_relu", "gru"):
     _INPUTS[_cell] = ("x", "h0", "w_ih", "w_hh", "b_ih", "b_hh", "batch_sizes", "reverse", "need_backward")
 _SAVED = ("x", "h0", "c0", "w_ih", "w_hh", "b_ih", "b_hh", "w_hr", "batch_sizes", "y", "ws")
+_WEIGHTS = ("w_ih", "w_hh", "b_ih", "b_hh", "w_hr")
 
 
 def _register_autograd(cell):
@@ -164,17 +171,28 @@ def _register_autograd(cell):
             # A graph of the gradient was asked for (create_graph=True): take the
             # differentiable path, a torch-op recomputation of this layer.
             out = _reference_grads(cell, s, w, ctx.reverse, grad_y, grad_h_n, grad_c_n)
-        elif is_lstm:
-            out = _backward_op(cell)(grad_y, grad_h_n, grad_c_n, s["x"], w.w_ih, w.w_hh, w.w_hr,
-                                     s["batch_sizes"], ctx.reverse, has_bias, s["y"], s["ws"], s["h0"],
-                                     s["c0"])
-            gx, gh0, gc0, gw_ih, gw_hh, gb_ih, gb_hh, gw_hr = out
-            out = dict(x=gx, h0=gh0, c0=gc0, w_ih=gw_ih, w_hh=gw_hh, b_ih=gb_ih, b_hh=gb_hh, w_hr=gw_hr)
         else:
-            out = _backward_op(cell)(grad_y, grad_h_n, s["x"], w.w_ih, w.w_hh, s["batch_sizes"],
-                                     ctx.reverse, has_bias, s["y"], s["ws"], s["h0"])
-            gx, gh0, gw_ih, gw_hh, gb_ih, gb_hh = out
-            out = dict(x=gx, h0=gh0, w_ih=gw_ih, w_hh=gw_hh, b_ih=gb_ih, b_hh=gb_hh)
+            # Only the gradients autograd asks for: grad_x and the weight GEMMs are skipped for
+            # an input that is data and for frozen weights.
+            wanted = dict(zip(names, ctx.needs_input_grad))
+            need_x = wanted["x"]
+            need_weights = any(wanted.get(k, False) for k in _WEIGHTS)
+            if is_lstm:
+                out = _backward_op(cell)(grad_y, grad_h_n, grad_c_n, s["x"], w.w_ih, w.w_hh, w.w_hr,
+                                         s["batch_sizes"], ctx.reverse, has_bias, s["y"], s["ws"], s["h0"],
+                                         s["c0"], need_x, need_weights)
+                gx, gh0, gc0, gw_ih, gw_hh, gb_ih, gb_hh, gw_hr = out
+                out = dict(x=gx, h0=gh0, c0=gc0, w_ih=gw_ih, w_hh=gw_hh, b_ih=gb_ih, b_hh=gb_hh, w_hr=gw_hr)
+            else:
+                out = _backward_op(cell)(grad_y, grad_h_n, s["x"], w.w_ih, w.w_hh, s["batch_sizes"],
+                                         ctx.reverse, has_bias, s["y"], s["ws"], s["h0"], need_x, need_weights)
+                gx, gh0, gw_ih, gw_hh, gb_ih, gb_hh = out
+                out = dict(x=gx, h0=gh0, w_ih=gw_ih, w_hh=gw_hh, b_ih=gb_ih, b_hh=gb_hh)
+            if not need_x:
+                out["x"] = None
+            if not need_weights:
+                for k in _WEIGHTS:
+                    out[k] = None
         if not has_bias:
             out["b_ih"] = out["b_hh"] = None
         if w.w_hr is None:

@@ -186,3 +186,33 @@ def test_backward_op_output_shapes(cell, bias, reverse, proj):
                     b_ih.shape if bias else (0,), b_hh.shape if bias else (0,)]
     assert [tuple(g.shape) for g in grads] == [tuple(s) for s in expected]
     assert all(torch.isfinite(g).all() for g in grads)
+
+
+# need_grad_x / need_grad_weights: a gradient not asked for comes back as [0] and its GEMM is
+# skipped; the gradients that are asked for have the same bits as with everything asked for.
+MASKS = [(False, True), (True, False), (False, False)]
+MASK_CASES = [(c, m) for c in (x.values for x in CASES) for m in MASKS]
+
+
+def _mask_id(case):
+    (cell, bias, reverse, proj), (need_x, need_w) = case
+    return f"{cell}-{'bias' if bias else 'nobias'}-{'rev' if reverse else 'fwd'}{'-proj' if proj else ''}" \
+           f"-x{int(need_x)}w{int(need_w)}"
+
+
+@pytest.mark.parametrize("case", MASK_CASES, ids=[_mask_id(c) for c in MASK_CASES])
+def test_backward_op_skips_gradients_not_asked_for(case):
+    (cell, bias, reverse, proj), (need_x, need_w) = case
+    args = backward_args(cell, bias=bias, reverse=reverse, proj=proj)
+    full = backward_op(cell)(*args)
+    masked = backward_op(cell)(*args, need_x, need_w)
+    # Positions of grad_x, the state gradients, and the weight/bias gradients.
+    n_states = 2 if cell == "lstm" else 1
+    for i, (f, m) in enumerate(zip(full, masked)):
+        wanted = need_x if i == 0 else (True if i <= n_states else need_w)
+        if wanted:
+            assert torch.equal(f, m), i
+        else:
+            assert m.shape == (0,), i
+    _opcheck_ok(torch.library.opcheck(backward_op(cell), args + (need_x, need_w),
+                                      test_utils=("test_schema", "test_faketensor")))

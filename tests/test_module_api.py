@@ -10,6 +10,7 @@ import warnings
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import rnnext
 from helpers import CELLS, TOL, make_inputs, make_pair, module_classes
@@ -256,3 +257,52 @@ def test_replaced_parameter_of_wrong_shape_is_reported_by_name():
     ours.weight_hh_l1 = nn.Parameter(torch.randn(15, 4))
     with pytest.raises(RuntimeError, match="weight_hh_l1"):
         ours(torch.randn(3, 2, 4))
+
+
+# ---------------------------------------------------------------- gradients not asked for
+class _BackwardOpFlags(TorchDispatchMode):
+    """Records (need_grad_x, need_grad_weights) of every rnnext backward-op call."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if "rnnext" in str(func) and "layer_backward" in str(func):
+            # Arguments left at their defaults (True) may not be passed.
+            given = dict(zip([a.name for a in func._schema.arguments], args), **(kwargs or {}))
+            self.calls.append((given.get("need_grad_x", True), given.get("need_grad_weights", True)))
+        return func(*args, **(kwargs or {}))
+
+
+# The backward op computes grad_x only when the input requires grad, and the weight
+# gradients only when a weight does (need_grad_x / need_grad_weights): an input that is data,
+# and frozen weights, skip their GEMMs. What is asked for still matches torch.nn.
+@pytest.mark.parametrize("kind", ["RNN", "GRU", "LSTM"])
+@pytest.mark.parametrize("frozen", [False, True], ids=["trained", "frozen"])
+def test_gradients_only_where_asked(kind, frozen):
+    torch.manual_seed(0)
+    ref = getattr(torch.nn, kind)(5, 7, num_layers=2, bidirectional=True, dtype=torch.float64)
+    ours = getattr(rnnext, kind).from_torch(ref)
+    for p in list(ref.parameters()) + list(ours.parameters()):
+        p.requires_grad_(not frozen)
+    x = torch.randn(4, 3, 5, dtype=torch.float64, requires_grad=frozen)  # data, unless frozen
+    h0 = torch.randn(4, 3, 7, dtype=torch.float64, requires_grad=True)
+    hx = (h0, torch.randn(4, 3, 7, dtype=torch.float64)) if kind == "LSTM" else h0
+    grads = []
+    for m in (ref, ours):
+        for t in (x, h0):
+            t.grad = None
+        out = m(x, hx)[0]
+        with _BackwardOpFlags() as flags:
+            (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+        grads.append([x.grad, h0.grad] + [p.grad for p in m.parameters()])
+    # (need_grad_x, need_grad_weights) per backward call, last layer first: layer 0 (2 calls)
+    # reads x, which only a frozen model differentiates; layer 1's input always needs a grad.
+    assert sorted(flags.calls[:2]) == [(True, not frozen)] * 2
+    assert sorted(flags.calls[2:]) == [(frozen, not frozen)] * 2
+    for name, r, o in zip(["x", "h0"] + [n for n, _ in ref.named_parameters()], *grads):
+        assert (r is None) == (o is None), name
+        if r is not None:
+            torch.testing.assert_close(o, r, atol=1e-12, rtol=1e-10, msg=name)
+    assert (x.grad is None) != frozen

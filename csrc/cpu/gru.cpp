@@ -17,6 +17,7 @@ struct GruCell {
   static constexpr bool kRecurrentBias = true;
   static constexpr bool kSeparateHiddenGrad = true;
   static constexpr bool kDirectHiddenGrad = true;
+  static constexpr bool kReadsHPrevInBackward = true;  // the gate gradients need h_prev (dz = dh * (h_prev - n))
   static int64_t cell_ws_cols(int64_t H) { return 4 * H; }
 
   // One batch row over a block of n hidden units: gi, gh hold the 3 gates with gate strides
@@ -96,9 +97,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_layer_forward(const at::Tenso
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_layer_backward(
     const at::Tensor& grad_y, const at::Tensor& grad_h_n, const at::Tensor& x, const at::Tensor& w_ih,
     const at::Tensor& w_hh, const OptTensor& batch_sizes, bool reverse, bool has_bias, const at::Tensor& y,
-    const at::Tensor& workspace, const at::Tensor& h0) {
+    const at::Tensor& workspace, const at::Tensor& h0, bool need_grad_x, bool need_grad_weights) {
   auto g = layer_backward<GruCell>(grad_y, grad_h_n, std::nullopt, x, w_ih, w_hh, std::nullopt, batch_sizes, reverse,
-                                   has_bias, y, workspace, h0, std::nullopt);
+                                   has_bias, y, workspace, h0, std::nullopt,
+                                      need_grad_x, need_grad_weights);
   return {g[0], g[1], g[3], g[4], g[5], g[6]};
 }
 

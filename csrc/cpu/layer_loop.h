@@ -521,6 +521,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(const Tensor& x_in, con
 
 // Backpropagation through time. Returns, in order: grad of x, h0, c0 (undefined without c),
 // w_ih, w_hh, b_ih, b_hh (empty [0] without bias), w_hr (empty [0] without projection).
+// need_grad_x=false returns grad_x empty [0] and skips its GEMM; need_grad_weights=false
+// likewise every weight and bias gradient (then h_prev is gathered only where the cell reads it).
 //
 // Steps run in the reverse of the forward's order. Per step: dh = dh_state + grad_y[t]
 // (the gradient reaching h_t from above and from the next step), with a projection
@@ -531,7 +533,7 @@ std::vector<Tensor> layer_backward(const Tensor& grad_y_in, const Tensor& grad_h
                                    const Tensor& x_in, const Tensor& w_ih, const Tensor& w_hh,
                                    const OptTensor& w_hr, const OptTensor& batch_sizes, bool reverse,
                                    bool has_bias, const Tensor& y_in, const Tensor& ws_in, const Tensor& h0,
-                                   const OptTensor& c0) {
+                                   const OptTensor& c0, bool need_grad_x, bool need_grad_weights) {
   const LayerSizes sz = check_weights<Cell>(x_in, w_ih, w_hh, std::nullopt, std::nullopt, w_hr);
   const int64_t H = sz.H, Hout = sz.Hout, GH = sz.G * sz.H;
   check_same(x_in, grad_h_n, "grad_h_n");
@@ -574,13 +576,16 @@ std::vector<Tensor> layer_backward(const Tensor& grad_y_in, const Tensor& grad_h
   Tensor dh_all = sz.proj ? x.new_empty({st.N, Hout}) : Tensor();
   Tensor dh_buf = x.new_empty({B, sz.proj ? H : Hout});
   // h_prev of every row, for the GRU's pointwise backward and for dW_hh.
-  Tensor h_prev_all = x.new_empty({st.N, Hout});
+  const bool need_h_prev = need_grad_weights || Cell::kReadsHPrevInBackward;
+  Tensor h_prev_all = x.new_empty({need_h_prev ? st.N : 0, Hout});
   const Tensor h0_c = h0.contiguous();
   const Tensor c0_c = Cell::kHasCellState ? c0->contiguous() : Tensor();
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rnnext_layer_backward", [&] {
-    gather_h_prev<scalar_t>(st, reverse, y.data_ptr<scalar_t>(), h0_c.data_ptr<scalar_t>(), Hout,
-                            h_prev_all.data_ptr<scalar_t>());
+    if (need_h_prev) {
+      gather_h_prev<scalar_t>(st, reverse, y.data_ptr<scalar_t>(), h0_c.data_ptr<scalar_t>(), Hout,
+                              h_prev_all.data_ptr<scalar_t>());
+    }
     scalar_t* dh_state_ptr = dh_state.data_ptr<scalar_t>();
     scalar_t* dh_buf_ptr = dh_buf.data_ptr<scalar_t>();
     const scalar_t* grad_y_ptr = grad_y.data_ptr<scalar_t>();
@@ -616,7 +621,7 @@ std::vector<Tensor> layer_backward(const Tensor& grad_y_in, const Tensor& grad_h
       const int64_t prev = previous_step(st, t, reverse);
       step.ws_prev = prev < 0 ? nullptr : ws.data_ptr<scalar_t>() + st.offset[prev] * ws_cols;
       step.carried = prev < 0 ? 0 : std::min(rows, st.rows[prev]);
-      step.h_prev = h_prev_all.data_ptr<scalar_t>() + off * Hout;
+      step.h_prev = need_h_prev ? h_prev_all.data_ptr<scalar_t>() + off * Hout : nullptr;
       step.y = y.data_ptr<scalar_t>() + off * Hout;
       step.d_gi = d_gi.data_ptr<scalar_t>() + off * GH;
       step.d_gh = d_gh.data_ptr<scalar_t>() + off * GH;
@@ -632,17 +637,23 @@ std::vector<Tensor> layer_backward(const Tensor& grad_y_in, const Tensor& grad_h
     }
   });
 
-  // Weight gradients: one GEMM each over all steps, no per-step accumulation.
-  const OneDnnLinear input_linear(w_ih.t(), st.N, st.N);
-  Tensor grad_x = (input_linear.available() ? input_linear(d_gi) : at::mm(d_gi, w_ih)).view(x_in.sizes());
-  Tensor grad_w_ih = at::mm(d_gi.t(), x);
-  Tensor grad_w_hh = at::mm(d_gh.t(), h_prev_all);
-  Tensor grad_b_ih = x.new_empty({0}), grad_b_hh = x.new_empty({0}), grad_w_hr = x.new_empty({0});
-  if (has_bias) {
-    grad_b_ih = d_gi.sum(0);
-    grad_b_hh = Cell::kSeparateHiddenGrad ? d_gh.sum(0) : grad_b_ih.clone();
+  // grad_x and the weight gradients: one GEMM each over all steps, no per-step accumulation.
+  Tensor grad_x = x.new_empty({0});
+  if (need_grad_x) {
+    const OneDnnLinear input_linear(w_ih.t(), st.N, st.N);
+    grad_x = (input_linear.available() ? input_linear(d_gi) : at::mm(d_gi, w_ih)).view(x_in.sizes());
   }
-  if (sz.proj) grad_w_hr = at::mm(dh_all.t(), ws.narrow(1, r_col, H));
+  Tensor grad_w_ih = x.new_empty({0}), grad_w_hh = x.new_empty({0});
+  Tensor grad_b_ih = x.new_empty({0}), grad_b_hh = x.new_empty({0}), grad_w_hr = x.new_empty({0});
+  if (need_grad_weights) {
+    grad_w_ih = at::mm(d_gi.t(), x);
+    grad_w_hh = at::mm(d_gh.t(), h_prev_all);
+    if (has_bias) {
+      grad_b_ih = d_gi.sum(0);
+      grad_b_hh = Cell::kSeparateHiddenGrad ? d_gh.sum(0) : grad_b_ih.clone();
+    }
+    if (sz.proj) grad_w_hr = at::mm(dh_all.t(), ws.narrow(1, r_col, H));
+  }
   return {grad_x, dh_state, dc_state, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh, grad_w_hr};
 }
 

@@ -18,6 +18,7 @@ struct LstmCell {
   static constexpr bool kRecurrentBias = false;
   static constexpr bool kSeparateHiddenGrad = false;
   static constexpr bool kDirectHiddenGrad = false;
+  static constexpr bool kReadsHPrevInBackward = false;
   static int64_t cell_ws_cols(int64_t H) { return 5 * H; }
   static constexpr int64_t kCellStateCol = 4;  // c is workspace block 4
 
@@ -104,9 +105,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 lstm_layer_backward(const at::Tensor& grad_y, const at::Tensor& grad_h_n, const at::Tensor& grad_c_n,
                     const at::Tensor& x, const at::Tensor& w_ih, const at::Tensor& w_hh, const OptTensor& w_hr,
                     const OptTensor& batch_sizes, bool reverse, bool has_bias, const at::Tensor& y,
-                    const at::Tensor& workspace, const at::Tensor& h0, const at::Tensor& c0) {
+                    const at::Tensor& workspace, const at::Tensor& h0, const at::Tensor& c0, bool need_grad_x,
+                    bool need_grad_weights) {
   auto g = layer_backward<LstmCell>(grad_y, grad_h_n, grad_c_n, x, w_ih, w_hh, w_hr, batch_sizes, reverse, has_bias,
-                                    y, workspace, h0, c0);
+                                    y, workspace, h0, c0, need_grad_x, need_grad_weights);
   return {g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7]};
 }
 

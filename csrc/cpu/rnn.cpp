@@ -18,6 +18,7 @@ struct RnnCell {
   static constexpr bool kRecurrentBias = false;
   static constexpr bool kSeparateHiddenGrad = false;
   static constexpr bool kDirectHiddenGrad = false;
+  static constexpr bool kReadsHPrevInBackward = false;
   static int64_t cell_ws_cols(int64_t) { return 0; }
 
   // One batch row over a block of n hidden units: pre-activations gi + gh [n] -> h [n].
@@ -69,9 +70,10 @@ template <bool kRelu>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_layer_backward(
     const at::Tensor& grad_y, const at::Tensor& grad_h_n, const at::Tensor& x, const at::Tensor& w_ih,
     const at::Tensor& w_hh, const OptTensor& batch_sizes, bool reverse, bool has_bias, const at::Tensor& y,
-    const at::Tensor& workspace, const at::Tensor& h0) {
+    const at::Tensor& workspace, const at::Tensor& h0, bool need_grad_x, bool need_grad_weights) {
   auto g = layer_backward<RnnCell<kRelu>>(grad_y, grad_h_n, std::nullopt, x, w_ih, w_hh, std::nullopt, batch_sizes,
-                                          reverse, has_bias, y, workspace, h0, std::nullopt);
+                                          reverse, has_bias, y, workspace, h0, std::nullopt,
+                                        need_grad_x, need_grad_weights);
   return {g[0], g[1], g[3], g[4], g[5], g[6]};
 }
 
