@@ -99,8 +99,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& w_hh, const OptTensor& batch_sizes, bool reverse, bool has_bias, const at::Tensor& y,
     const at::Tensor& workspace, const at::Tensor& h0, bool need_grad_x, bool need_grad_weights) {
   auto g = layer_backward<GruCell>(grad_y, grad_h_n, std::nullopt, x, w_ih, w_hh, std::nullopt, batch_sizes, reverse,
-                                   has_bias, y, workspace, h0, std::nullopt,
-                                      need_grad_x, need_grad_weights);
+                                   has_bias, y, workspace, h0, std::nullopt, need_grad_x, need_grad_weights);
   return {g[0], g[1], g[3], g[4], g[5], g[6]};
 }
 
