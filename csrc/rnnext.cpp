@@ -13,9 +13,49 @@
 #include <Python.h>
 #include <torch/library.h>
 
-// rnnext._C is imported only to run the registrations below.
+#include <cstring>
+
+#include "workspace.h"
+
+namespace {
+
+// _C.workspace_blocks(cell) -> the cell's workspace blocks of H columns (workspace.h), which
+// the fake kernels use for the workspace shape.
+PyObject* workspace_blocks(PyObject*, PyObject* arg) {
+  const char* cell = PyUnicode_Check(arg) ? PyUnicode_AsUTF8(arg) : nullptr;
+  if (cell == nullptr) {
+    PyErr_SetString(PyExc_TypeError, "workspace_blocks takes a cell name");
+    return nullptr;
+  }
+  if (std::strcmp(cell, "lstm") == 0) return PyLong_FromLongLong(rnnext::LstmTraits::kBlocks);
+  if (std::strcmp(cell, "gru") == 0) return PyLong_FromLongLong(rnnext::GruTraits::kBlocks);
+  if (std::strcmp(cell, "rnn_tanh") == 0 || std::strcmp(cell, "rnn_relu") == 0) {
+    return PyLong_FromLongLong(rnnext::RnnTraits::kBlocks);
+  }
+  PyErr_Format(PyExc_ValueError, "unknown cell %s", cell);
+  return nullptr;
+}
+
+// _C.built_with_cuda() -> whether this build has the CUDA kernels.
+PyObject* built_with_cuda(PyObject*, PyObject*) {
+#ifdef RNNEXT_WITH_CUDA
+  Py_RETURN_TRUE;
+#else
+  Py_RETURN_FALSE;
+#endif
+}
+
+PyMethodDef methods[] = {
+    {"workspace_blocks", workspace_blocks, METH_O, "workspace blocks of H columns of a cell (csrc/workspace.h)"},
+    {"built_with_cuda", built_with_cuda, METH_NOARGS, "whether this build has the CUDA kernels"},
+    {nullptr, nullptr, 0, nullptr},
+};
+
+}  // namespace
+
+// Importing rnnext._C runs the op registrations below (and each backend's kernels').
 extern "C" PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
   return PyModule_Create(&module_def);
 }
 

@@ -11,18 +11,19 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from . import _C  # noqa: F401  (loads the library: registers the ops and their CPU kernels)
+from . import _C  # loads the library: registers the ops and their CPU (and CUDA) kernels
 from . import _reference
 
 CELLS = ("rnn_tanh", "rnn_relu", "gru", "lstm")
 GATES = {"rnn_tanh": 1, "rnn_relu": 1, "gru": 3, "lstm": 4}
-# Workspace columns in units of hidden_size; mirrors Cell::cell_ws_cols in csrc/cpu/<cell>.cpp
-# (opcheck compares the fake kernels below with the real ones).
-_CELL_WS_COLS = {"rnn_tanh": 0, "rnn_relu": 0, "gru": 4, "lstm": 5}
+# Workspace blocks of hidden_size columns per cell, read from the one definition every
+# backend uses (csrc/workspace.h), so the fake kernels below give the real kernels' shape.
+_WORKSPACE_BLOCKS = {cell: _C.workspace_blocks(cell) for cell in CELLS}
 
 
 def workspace_cols(cell: str, hidden_size: int, proj: bool) -> int:
-    return _CELL_WS_COLS[cell] * hidden_size + (hidden_size if proj else 0)
+    """Columns of the workspace: the cell's blocks, plus r = o * tanh(c) with a projection."""
+    return (_WORKSPACE_BLOCKS[cell] + (1 if proj else 0)) * hidden_size
 
 
 class LayerWeights(NamedTuple):

@@ -1,24 +1,18 @@
 // GRU on the CPU: the cell policy for layer_loop.h and the op registrations.
 //
-// Workspace columns: [ r z n (3H) | gh_n (H) ]. b_hh stays in the recurrent GEMM
-// (gh = h_prev W_hh^T + b_hh) because r multiplies gh_n = W_hn h_prev + b_hn.
+// The workspace is GruTraits' (../workspace.h): [ r z n | gh_n ]. b_hh stays in the
+// recurrent GEMM (gh = h_prev W_hh^T + b_hh) because r multiplies gh_n = W_hn h_prev + b_hn.
 #include <torch/library.h>
 
 #include "../cell_math.h"
+#include "../layer_ops.h"
 #include "layer_loop.h"
 
 namespace rnnext {
 namespace cpu {
 namespace {
 
-struct GruCell {
-  static constexpr int64_t kGates = 3;
-  static constexpr bool kHasCellState = false;
-  static constexpr bool kRecurrentBias = true;
-  static constexpr bool kSeparateHiddenGrad = true;
-  static constexpr bool kDirectHiddenGrad = true;
-  static constexpr bool kReadsHPrevInBackward = true;  // the gate gradients need h_prev (dz = dh * (h_prev - n))
-  static int64_t cell_ws_cols(int64_t H) { return 4 * H; }
+struct GruCell : GruTraits {
 
   // One batch row over a block of n hidden units: gi, gh hold the 3 gates with gate strides
   // gi_gs and gh_gs; h_prev [n]; saved = the row's workspace blocks [r, z, n, gh_n] with gate
@@ -32,10 +26,10 @@ struct GruCell {
       const auto a = math::gru_forward<T>(gi[j], gi[gi_gs + j], gi[2 * gi_gs + j], gh[j], gh[gh_gs + j],
                                           gh[2 * gh_gs + j], h_prev[j]);
       if constexpr (kSave) {
-        saved[j] = a.r;
-        saved[ws_gs + j] = a.z;
-        saved[2 * ws_gs + j] = a.n;
-        saved[3 * ws_gs + j] = gh[2 * gh_gs + j];
+        saved[kR * ws_gs + j] = a.r;
+        saved[kZ * ws_gs + j] = a.z;
+        saved[kN * ws_gs + j] = a.n;
+        saved[kGhN * ws_gs + j] = gh[2 * gh_gs + j];
       }
       h[j] = a.h;
     }
@@ -63,7 +57,8 @@ struct GruCell {
                                                 const T* __restrict__ saved, T* __restrict__ d_gi,
                                                 T* __restrict__ d_gh, T* __restrict__ dh_prev) {
     for (int64_t j = 0; j < H; ++j) {
-      const auto d = math::gru_backward<T>(dh[j], saved[j], saved[H + j], saved[2 * H + j], saved[3 * H + j], h_prev[j]);
+      const auto d = math::gru_backward<T>(dh[j], saved[kR * H + j], saved[kZ * H + j], saved[kN * H + j],
+                                            saved[kGhN * H + j], h_prev[j]);
       d_gi[j] = d.d_r;
       d_gh[j] = d.d_r;
       d_gi[H + j] = d.d_z;
@@ -84,30 +79,11 @@ struct GruCell {
   }
 };
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_layer_forward(const at::Tensor& x, const at::Tensor& h0,
-                                                                 const at::Tensor& w_ih, const at::Tensor& w_hh,
-                                                                 const OptTensor& b_ih, const OptTensor& b_hh,
-                                                                 const OptTensor& batch_sizes, bool reverse,
-                                                                 bool need_backward) {
-  auto [y, h_n, c_n, ws] = layer_forward<GruCell>(x, h0, std::nullopt, w_ih, w_hh, b_ih, b_hh, std::nullopt,
-                                                  batch_sizes, reverse, need_backward);
-  return {y, h_n, ws};
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_layer_backward(
-    const at::Tensor& grad_y, const at::Tensor& grad_h_n, const at::Tensor& x, const at::Tensor& w_ih,
-    const at::Tensor& w_hh, const OptTensor& batch_sizes, bool reverse, bool has_bias, const at::Tensor& y,
-    const at::Tensor& workspace, const at::Tensor& h0, bool need_grad_x, bool need_grad_weights) {
-  auto g = layer_backward<GruCell>(grad_y, grad_h_n, std::nullopt, x, w_ih, w_hh, std::nullopt, batch_sizes, reverse,
-                                   has_bias, y, workspace, h0, std::nullopt, need_grad_x, need_grad_weights);
-  return {g[0], g[1], g[3], g[4], g[5], g[6]};
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(rnnext, CPU, m) {
-  m.impl("gru_layer_forward", &gru_layer_forward);
-  m.impl("gru_layer_backward", &gru_layer_backward);
+  m.impl("gru_layer_forward", &SingleStateOps<CpuLoop, GruCell>::forward);
+  m.impl("gru_layer_backward", &SingleStateOps<CpuLoop, GruCell>::backward);
 }
 
 }  // namespace cpu

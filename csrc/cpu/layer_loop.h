@@ -6,16 +6,10 @@
 // — argument checks, the packed/padded step layout, the GEMMs, the workspace, the order of
 // the steps — lives here.
 //
-// Sequence layout: x is [T, B, I] (padded, every step has B rows) or [N, I] with
-// batch_sizes [T] (packed: step t owns the rows offset[t] .. offset[t] + batch_sizes[t], sorted
-// by decreasing length, exactly torch's PackedSequence.data). A padded sequence is the packed
-// one with batch_sizes = [B] * T, so one loop serves both. A state buffer [B, Hout] holds each
-// row's latest h; rows past their end are simply not touched, so their state stays final
-// (forward direction) or still the initial one (reverse direction).
-//
-// Workspace [N, ws_cols], what backward needs beyond the output, one row per sequence row:
-//   [ cell's own columns (Cell::cell_ws_cols) | r = o*tanh(c) (H, LSTM proj) ]
-// h_prev is not saved: it is the previous step's output row (or h0), rebuilt in backward.
+// The sequence layout and the argument checks are shared with CUDA (../layer_checks.h), and
+// so is the workspace layout (../workspace.h). A state buffer [B, Hout] holds each row's
+// latest h; rows past their end are simply not touched, so their state stays final (forward
+// direction) or still the initial one (reverse direction).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -30,13 +24,12 @@
 #include <tuple>
 #include <vector>
 
+#include "../layer_checks.h"
 #include "gemm.h"
 
 namespace rnnext {
 namespace cpu {
 
-using at::Tensor;
-using OptTensor = std::optional<Tensor>;
 
 // Pointers of one step for one block of hidden units [j0, j0 + n), handed to the cell's
 // pointwise pass (rows are this step's batch rows). Every pointer is already offset to unit
@@ -171,50 +164,6 @@ inline Tensor scratch(int slot, at::IntArrayRef shape, const at::TensorOptions& 
   return fresh.view(shape);
 }
 
-// Step layout of a padded or packed sequence.
-struct Steps {
-  int64_t T = 0, B = 0, N = 0;
-  std::vector<int64_t> rows, offset;  // per time step
-};
-
-inline Steps make_steps(const Tensor& x, const OptTensor& batch_sizes, int64_t B) {
-  Steps s;
-  s.B = B;
-  if (batch_sizes.has_value()) {
-    const Tensor& bsz = *batch_sizes;
-    TORCH_CHECK(x.dim() == 2, "rnnext: packed input must be 2-D [N, input_size], got ", x.dim(), "-D");
-    TORCH_CHECK(bsz.dim() == 1 && bsz.scalar_type() == at::kLong && bsz.device().is_cpu(),
-                "rnnext: batch_sizes must be a 1-D int64 CPU tensor");
-    const Tensor bc = bsz.contiguous();
-    const int64_t* p = bc.data_ptr<int64_t>();
-    s.T = bc.numel();
-    TORCH_CHECK(s.T > 0, "rnnext: batch_sizes is empty");
-    int64_t total = 0;
-    for (int64_t t = 0; t < s.T; ++t) {
-      TORCH_CHECK(p[t] > 0 && p[t] <= B && (t == 0 || p[t] <= p[t - 1]),
-                  "rnnext: batch_sizes must be positive, non-increasing and at most the batch "
-                  "size of the initial state (", B, "); got ", p[t], " at step ", t);
-      s.offset.push_back(total);
-      s.rows.push_back(p[t]);
-      total += p[t];
-    }
-    TORCH_CHECK(p[0] == B, "rnnext: batch_sizes[0] (", p[0], ") must equal the batch size of the initial state (", B, ")");
-    TORCH_CHECK(total == x.size(0), "rnnext: batch_sizes sum to ", total, " but the packed input has ", x.size(0), " rows");
-    s.N = total;
-  } else {
-    TORCH_CHECK(x.dim() == 3, "rnnext: input must be 3-D [T, B, input_size], got ", x.dim(), "-D");
-    TORCH_CHECK(x.size(1) == B, "rnnext: input batch size ", x.size(1), " does not match the initial state's ", B);
-    s.T = x.size(0);
-    TORCH_CHECK(s.T > 0, "rnnext: the input sequence is empty (0 time steps)");
-    for (int64_t t = 0; t < s.T; ++t) {
-      s.offset.push_back(t * B);
-      s.rows.push_back(B);
-    }
-    s.N = s.T * B;
-  }
-  return s;
-}
-
 // Where the input projection gi = x @ W_ih^T (+ biases) is computed. With enough rows per
 // step, and the step loop split across threads, each unit block computes its own slice of
 // gi for the step, next to its slice of gh, into a buffer that stays in its cache: no pass
@@ -271,70 +220,6 @@ inline std::vector<StepChunk> step_chunks(const Steps& st, int64_t row_bytes, bo
   return chunks;
 }
 
-inline void check_same(const Tensor& ref, const Tensor& t, const char* name) {
-  TORCH_CHECK(t.device() == ref.device(), "rnnext: ", name, " is on ", t.device(), " but the input is on ", ref.device());
-  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), "rnnext: ", name, " has dtype ", t.scalar_type(),
-              " but the input has dtype ", ref.scalar_type());
-}
-
-inline void check_shape(const Tensor& t, at::IntArrayRef shape, const char* name) {
-  TORCH_CHECK(t.sizes() == shape, "rnnext: ", name, " must have shape ", shape, ", got ", t.sizes());
-}
-
-// Sizes of a layer, read from (and checked against) its weights.
-struct LayerSizes {
-  int64_t I, H, Hout, G;
-  bool proj;
-};
-
-template <class Cell>
-LayerSizes check_weights(const Tensor& x, const Tensor& w_ih, const Tensor& w_hh, const OptTensor& b_ih,
-                         const OptTensor& b_hh, const OptTensor& w_hr) {
-  TORCH_CHECK(x.device().is_cpu(), "rnnext: this op's CPU kernel got an input on ", x.device());
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
-              "rnnext: input must be float32 or float64, got ", x.scalar_type());
-  TORCH_CHECK(x.dim() == 2 || x.dim() == 3, "rnnext: input x must be 3-D [T, B, I] or packed 2-D [N, I], got ",
-              x.dim(), "-D");
-  TORCH_CHECK(w_ih.dim() == 2 && w_hh.dim() == 2, "rnnext: w_ih and w_hh must be 2-D");
-  check_same(x, w_ih, "w_ih");
-  check_same(x, w_hh, "w_hh");
-  LayerSizes s;
-  s.G = Cell::kGates;
-  TORCH_CHECK(w_ih.size(0) % s.G == 0, "rnnext: w_ih must have ", s.G,
-              " * hidden_size rows, got ", w_ih.size(0));
-  s.H = w_ih.size(0) / s.G;
-  s.I = w_ih.size(1);
-  TORCH_CHECK(x.size(-1) == s.I, "rnnext: input has ", x.size(-1), " features but w_ih expects ", s.I);
-  s.proj = w_hr.has_value();
-  if (s.proj) {
-    check_same(x, *w_hr, "w_hr");
-    TORCH_CHECK(w_hr->dim() == 2 && w_hr->size(1) == s.H && w_hr->size(0) > 0,
-                "rnnext: w_hr must have shape [proj_size, ", s.H, "], got ", w_hr->sizes());
-    s.Hout = w_hr->size(0);
-  } else {
-    s.Hout = s.H;
-  }
-  check_shape(w_hh, {s.G * s.H, s.Hout}, "w_hh");
-  TORCH_CHECK(b_ih.has_value() == b_hh.has_value(), "rnnext: give both biases or neither");
-  if (b_ih.has_value()) {
-    check_same(x, *b_ih, "b_ih");
-    check_same(x, *b_hh, "b_hh");
-    check_shape(*b_ih, {s.G * s.H}, "b_ih");
-    check_shape(*b_hh, {s.G * s.H}, "b_hh");
-  }
-  return s;
-}
-
-inline int64_t ws_cols_of(int64_t cell_cols, const LayerSizes& s) {
-  return cell_cols + (s.proj ? s.H : 0);
-}
-
-// The step processed just before step t: t - 1 forward, t + 1 in reverse; -1 for the first.
-inline int64_t previous_step(const Steps& st, int64_t t, bool reverse) {
-  const int64_t prev = reverse ? t + 1 : t - 1;
-  return (prev < 0 || prev >= st.T) ? -1 : prev;
-}
-
 // h_prev of every row [N, Hout]: a row's previous output where its sequence had a previous
 // step, else its initial state. Forward, step t-1 holds every row of step t (rows only end);
 // in reverse, rows past batch_sizes[t+1] begin at step t and take h0.
@@ -343,7 +228,7 @@ void gather_h_prev(const Steps& st, bool reverse, const T* y, const T* h0, int64
   for (int64_t t = 0; t < st.T; ++t) {
     const int64_t rows = st.rows[t], off = st.offset[t];
     const int64_t prev = previous_step(st, t, reverse);
-    const int64_t carried = prev < 0 ? 0 : std::min(rows, st.rows[prev]);
+    const int64_t carried = carried_rows(st, t, reverse);
     if (carried > 0) std::memcpy(h_prev + off * Hout, y + st.offset[prev] * Hout, sizeof(T) * carried * Hout);
     if (rows > carried) {
       std::memcpy(h_prev + (off + carried) * Hout, h0 + carried * Hout, sizeof(T) * (rows - carried) * Hout);
@@ -366,20 +251,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(const Tensor& x_in, con
                                                          const OptTensor& b_hh, const OptTensor& w_hr,
                                                          const OptTensor& batch_sizes, bool reverse,
                                                          bool need_backward) {
-  const LayerSizes sz = check_weights<Cell>(x_in, w_ih, w_hh, b_ih, b_hh, w_hr);
-  check_same(x_in, h0, "h0");
-  TORCH_CHECK(h0.dim() == 2, "rnnext: h0 must be 2-D [batch, ", sz.Hout, "], got ", h0.sizes());
-  const int64_t B = h0.size(0);
-  check_shape(h0, {B, sz.Hout}, "h0");
-  if (Cell::kHasCellState) {
-    TORCH_CHECK(c0.has_value(), "rnnext: c0 is required");
-    check_same(x_in, *c0, "c0");
-    check_shape(*c0, {B, sz.H}, "c0");
-  }
-  const Steps st = make_steps(x_in, batch_sizes, B);
-  const int64_t H = sz.H, Hout = sz.Hout, G = sz.G, GH = sz.G * sz.H;
-  const int64_t ws_cols = ws_cols_of(Cell::cell_ws_cols(H), sz);
-  const int64_t r_col = ws_cols - H;  // projection input columns (LSTM proj only)
+  const LayerSizes sz =
+      check_forward_args<Cell>(kCpuBackend, x_in, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes);
+  const Steps& st = sz.steps;
+  const int64_t B = st.B, H = sz.H, Hout = sz.Hout, G = sz.G, GH = sz.G * sz.H;
+  const int64_t ws_cols = sz.ws_cols;
+  const int64_t r_col = workspace::proj_col(Cell::kBlocks, H);  // LSTM proj only
 
   const Tensor x = x_in.contiguous().view({st.N, sz.I});
   const Tensor w_hh_c = w_hh.contiguous();
@@ -535,33 +412,12 @@ std::vector<Tensor> layer_backward(const Tensor& grad_y_in, const Tensor& grad_h
                                    const OptTensor& w_hr, const OptTensor& batch_sizes, bool reverse,
                                    bool has_bias, const Tensor& y_in, const Tensor& ws_in, const Tensor& h0,
                                    const OptTensor& c0, bool need_grad_x, bool need_grad_weights) {
-  const LayerSizes sz = check_weights<Cell>(x_in, w_ih, w_hh, std::nullopt, std::nullopt, w_hr);
-  const int64_t H = sz.H, Hout = sz.Hout, GH = sz.G * sz.H;
-  check_same(x_in, grad_h_n, "grad_h_n");
-  TORCH_CHECK(grad_h_n.dim() == 2, "rnnext: grad_h_n must be 2-D");
-  const int64_t B = grad_h_n.size(0);
-  check_shape(grad_h_n, {B, Hout}, "grad_h_n");
-  if (Cell::kHasCellState) {
-    TORCH_CHECK(grad_c_n.has_value(), "rnnext: grad_c_n is required");
-    check_same(x_in, *grad_c_n, "grad_c_n");
-    check_shape(*grad_c_n, {B, H}, "grad_c_n");
-  }
-  const Steps st = make_steps(x_in, batch_sizes, B);
-  const int64_t ws_cols = ws_cols_of(Cell::cell_ws_cols(H), sz);
-  const int64_t r_col = ws_cols - H;
-  check_same(x_in, grad_y_in, "grad_y");
-  check_same(x_in, y_in, "y");
-  check_same(x_in, ws_in, "workspace");
-  TORCH_CHECK(grad_y_in.numel() == st.N * Hout && y_in.numel() == st.N * Hout,
-              "rnnext: grad_y and y must have ", st.N * Hout, " elements");
-  check_shape(ws_in, {st.N, ws_cols}, "workspace");
-  check_same(x_in, h0, "h0");
-  check_shape(h0, {B, Hout}, "h0");
-  if (Cell::kHasCellState) {
-    TORCH_CHECK(c0.has_value(), "rnnext: c0 is required");
-    check_same(x_in, *c0, "c0");
-    check_shape(*c0, {B, H}, "c0");
-  }
+  const LayerSizes sz = check_backward_args<Cell>(kCpuBackend, grad_y_in, grad_h_n, grad_c_n, x_in, w_ih, w_hh,
+                                                  w_hr, batch_sizes, y_in, ws_in, h0, c0);
+  const Steps& st = sz.steps;
+  const int64_t B = st.B, H = sz.H, Hout = sz.Hout, GH = sz.G * sz.H;
+  const int64_t ws_cols = sz.ws_cols;
+  const int64_t r_col = workspace::proj_col(Cell::kBlocks, H);
 
   const Tensor x = x_in.contiguous().view({st.N, sz.I});
   const Tensor grad_y = grad_y_in.contiguous().view({st.N, Hout});
@@ -621,7 +477,7 @@ std::vector<Tensor> layer_backward(const Tensor& grad_y_in, const Tensor& grad_h
       step.ws = ws.data_ptr<scalar_t>() + off * ws_cols;
       const int64_t prev = previous_step(st, t, reverse);
       step.ws_prev = prev < 0 ? nullptr : ws.data_ptr<scalar_t>() + st.offset[prev] * ws_cols;
-      step.carried = prev < 0 ? 0 : std::min(rows, st.rows[prev]);
+      step.carried = carried_rows(st, t, reverse);
       step.h_prev = need_h_prev ? h_prev_all.data_ptr<scalar_t>() + off * Hout : nullptr;
       step.y = y.data_ptr<scalar_t>() + off * Hout;
       step.d_gi = d_gi.data_ptr<scalar_t>() + off * GH;
@@ -657,6 +513,18 @@ std::vector<Tensor> layer_backward(const Tensor& grad_y_in, const Tensor& grad_h
   }
   return {grad_x, dh_state, dc_state, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh, grad_w_hr};
 }
+
+// The CPU time loop, as csrc/layer_ops.h takes it.
+struct CpuLoop {
+  template <class Cell, class... Args>
+  static auto forward(Args&&... args) {
+    return layer_forward<Cell>(std::forward<Args>(args)...);
+  }
+  template <class Cell, class... Args>
+  static auto backward(Args&&... args) {
+    return layer_backward<Cell>(std::forward<Args>(args)...);
+  }
+};
 
 }  // namespace cpu
 }  // namespace rnnext

@@ -5,6 +5,7 @@
 #include <torch/library.h>
 
 #include "../cell_math.h"
+#include "../layer_ops.h"
 #include "layer_loop.h"
 
 namespace rnnext {
@@ -12,14 +13,7 @@ namespace cpu {
 namespace {
 
 template <bool kRelu>
-struct RnnCell {
-  static constexpr int64_t kGates = 1;
-  static constexpr bool kHasCellState = false;
-  static constexpr bool kRecurrentBias = false;
-  static constexpr bool kSeparateHiddenGrad = false;
-  static constexpr bool kDirectHiddenGrad = false;
-  static constexpr bool kReadsHPrevInBackward = false;
-  static int64_t cell_ws_cols(int64_t) { return 0; }
+struct RnnCell : RnnTraits {
 
   // One batch row over a block of n hidden units: pre-activations gi + gh [n] -> h [n].
   // restrict lets the j loop vectorise.
@@ -55,35 +49,13 @@ struct RnnCell {
   }
 };
 
-template <bool kRelu>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> rnn_layer_forward(const at::Tensor& x, const at::Tensor& h0,
-                                                                 const at::Tensor& w_ih, const at::Tensor& w_hh,
-                                                                 const OptTensor& b_ih, const OptTensor& b_hh,
-                                                                 const OptTensor& batch_sizes, bool reverse,
-                                                                 bool need_backward) {
-  auto [y, h_n, c_n, ws] = layer_forward<RnnCell<kRelu>>(x, h0, std::nullopt, w_ih, w_hh, b_ih, b_hh, std::nullopt,
-                                                         batch_sizes, reverse, need_backward);
-  return {y, h_n, ws};
-}
-
-template <bool kRelu>
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_layer_backward(
-    const at::Tensor& grad_y, const at::Tensor& grad_h_n, const at::Tensor& x, const at::Tensor& w_ih,
-    const at::Tensor& w_hh, const OptTensor& batch_sizes, bool reverse, bool has_bias, const at::Tensor& y,
-    const at::Tensor& workspace, const at::Tensor& h0, bool need_grad_x, bool need_grad_weights) {
-  auto g = layer_backward<RnnCell<kRelu>>(grad_y, grad_h_n, std::nullopt, x, w_ih, w_hh, std::nullopt, batch_sizes,
-                                          reverse, has_bias, y, workspace, h0, std::nullopt, need_grad_x,
-                                          need_grad_weights);
-  return {g[0], g[1], g[3], g[4], g[5], g[6]};
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(rnnext, CPU, m) {
-  m.impl("rnn_tanh_layer_forward", &rnn_layer_forward<false>);
-  m.impl("rnn_tanh_layer_backward", &rnn_layer_backward<false>);
-  m.impl("rnn_relu_layer_forward", &rnn_layer_forward<true>);
-  m.impl("rnn_relu_layer_backward", &rnn_layer_backward<true>);
+  m.impl("rnn_tanh_layer_forward", &SingleStateOps<CpuLoop, RnnCell<false>>::forward);
+  m.impl("rnn_tanh_layer_backward", &SingleStateOps<CpuLoop, RnnCell<false>>::backward);
+  m.impl("rnn_relu_layer_forward", &SingleStateOps<CpuLoop, RnnCell<true>>::forward);
+  m.impl("rnn_relu_layer_backward", &SingleStateOps<CpuLoop, RnnCell<true>>::backward);
 }
 
 }  // namespace cpu

@@ -1,0 +1,65 @@
+// The op signatures of csrc/rnnext.cpp, written once over a backend's time loop.
+//
+// Loop is a backend's struct of two templates over a cell (the CPU's in csrc/cpu/layer_loop.h,
+// CUDA's in csrc/cuda/layer_loop.cuh):
+//   forward<Cell>(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse, need_backward)
+//     -> (y, h_n, c_n, workspace), c_n undefined without a cell state;
+//   backward<Cell>(grad_y, grad_h_n, grad_c_n, x, w_ih, w_hh, w_hr, batch_sizes, reverse, has_bias,
+//                  y, workspace, h0, c0, need_grad_x, need_grad_weights)
+//     -> [grad_x, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh, grad_w_hr].
+// Each backend registers &SingleStateOps<Loop, Cell>::forward etc. for its dispatch key.
+#pragma once
+
+#include <tuple>
+#include <vector>
+
+#include "layer_checks.h"
+
+namespace rnnext {
+
+// rnn_tanh, rnn_relu, gru: one state h.
+template <class Loop, class Cell>
+struct SingleStateOps {
+  static std::tuple<Tensor, Tensor, Tensor> forward(const Tensor& x, const Tensor& h0, const Tensor& w_ih,
+                                                    const Tensor& w_hh, const OptTensor& b_ih, const OptTensor& b_hh,
+                                                    const OptTensor& batch_sizes, bool reverse, bool need_backward) {
+    auto out = Loop::template forward<Cell>(x, h0, std::nullopt, w_ih, w_hh, b_ih, b_hh, std::nullopt, batch_sizes,
+                                            reverse, need_backward);
+    return {std::get<0>(out), std::get<1>(out), std::get<3>(out)};
+  }
+
+  static std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward(
+      const Tensor& grad_y, const Tensor& grad_h_n, const Tensor& x, const Tensor& w_ih, const Tensor& w_hh,
+      const OptTensor& batch_sizes, bool reverse, bool has_bias, const Tensor& y, const Tensor& workspace,
+      const Tensor& h0, bool need_grad_x, bool need_grad_weights) {
+    auto g = Loop::template backward<Cell>(grad_y, grad_h_n, std::nullopt, x, w_ih, w_hh, std::nullopt, batch_sizes,
+                                           reverse, has_bias, y, workspace, h0, std::nullopt, need_grad_x,
+                                           need_grad_weights);
+    return {g[0], g[1], g[3], g[4], g[5], g[6]};
+  }
+};
+
+// lstm: states h and c, optional projection w_hr.
+template <class Loop, class Cell>
+struct LstmOps {
+  static std::tuple<Tensor, Tensor, Tensor, Tensor> forward(const Tensor& x, const Tensor& h0, const Tensor& c0,
+                                                            const Tensor& w_ih, const Tensor& w_hh,
+                                                            const OptTensor& b_ih, const OptTensor& b_hh,
+                                                            const OptTensor& w_hr, const OptTensor& batch_sizes,
+                                                            bool reverse, bool need_backward) {
+    return Loop::template forward<Cell>(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse,
+                                        need_backward);
+  }
+
+  static std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward(
+      const Tensor& grad_y, const Tensor& grad_h_n, const Tensor& grad_c_n, const Tensor& x, const Tensor& w_ih,
+      const Tensor& w_hh, const OptTensor& w_hr, const OptTensor& batch_sizes, bool reverse, bool has_bias,
+      const Tensor& y, const Tensor& workspace, const Tensor& h0, const Tensor& c0, bool need_grad_x,
+      bool need_grad_weights) {
+    auto g = Loop::template backward<Cell>(grad_y, grad_h_n, grad_c_n, x, w_ih, w_hh, w_hr, batch_sizes, reverse,
+                                           has_bias, y, workspace, h0, c0, need_grad_x, need_grad_weights);
+    return {g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7]};
+  }
+};
+
+}  // namespace rnnext
