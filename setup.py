@@ -2,16 +2,55 @@
 
 The CPU kernels (csrc/*.cpp, csrc/cpu/*.cpp) are always built. CUDA kernels (csrc/cuda/*.cu)
 are added when a CUDA toolkit and a CUDA build of torch are both present, unless
-RNNEXT_CPU_ONLY=1 is set.
+RNNEXT_CPU_ONLY=1 is set; no GPU is needed to build them. The toolkit is found from CUDA_HOME,
+else from the nvcc on PATH (through wrapper scripts), else /usr/local/cuda. Without a visible
+GPU the kernels are built for TORCH_CUDA_ARCH_LIST, by default 8.0 and 9.0 with PTX.
 
 Build with `pip install --no-build-isolation -e .` or `python setup.py build_ext --inplace`
 (torch must already be installed: an isolated build cannot see it).
 """
 import glob
 import os
+import re
+import shutil
 import sys
 
 from setuptools import find_packages, setup
+
+
+def _toolkit_root(nvcc):
+    """The toolkit folder of an nvcc, or None: the folder above bin/nvcc that holds
+    include/cuda_runtime.h. An nvcc on PATH may be a wrapper script (seen: /usr/local/bin/nvcc
+    running /usr/local/cuda-13.0/bin/nvcc), whose folder is not the toolkit's, so the path it
+    runs is read from the script."""
+    candidates = [os.path.realpath(nvcc)]
+    try:
+        with open(nvcc, "rb") as f:
+            head = f.read(4096)
+        if head.startswith(b"#!"):
+            candidates += re.findall(r"(/[^\s'\"]*/bin/nvcc)\b", head.decode("utf-8", "replace"))
+    except OSError:
+        pass
+    for path in candidates:
+        root = os.path.dirname(os.path.dirname(os.path.realpath(path)))
+        if os.path.isfile(os.path.join(root, "include", "cuda_runtime.h")):
+            return root
+    return None
+
+
+def _find_cuda_home():
+    """Sets CUDA_HOME for torch's build helpers (they read it when imported) when it is not set."""
+    if os.environ.get("RNNEXT_CPU_ONLY", "0") not in ("", "0") or os.environ.get("CUDA_HOME"):
+        return
+    nvcc = shutil.which("nvcc")
+    root = _toolkit_root(nvcc) if nvcc else None
+    if root is None and os.path.isfile("/usr/local/cuda/include/cuda_runtime.h"):
+        root = "/usr/local/cuda"
+    if root is not None:
+        os.environ["CUDA_HOME"] = root
+
+
+_find_cuda_home()
 
 try:
     import torch
@@ -32,6 +71,36 @@ def _want_cuda():
         return False
     cuda_sources = _sources("csrc/cuda/*.cu")
     return bool(cuda_sources) and torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+
+
+def _nvidia_include_dirs():
+    """Header folders of the nvidia pip packages that torch's CUDA wheels install (cuBLAS,
+    cuSPARSE, ... for ATen/cuda/CUDAContext.h): a toolkit without those libraries still builds."""
+    dirs = []
+    for entry in sys.path:
+        dirs += glob.glob(os.path.join(entry, "nvidia", "*", "include"))
+    return sorted(set(d for d in dirs if os.path.isdir(d)))
+
+
+def _cublas_library():
+    """The cuBLAS shared library to link, by path: from the nvidia pip packages torch's CUDA
+    wheels install, else from the toolkit. At run time the soname resolves to the cuBLAS torch
+    has already loaded."""
+    roots = [os.path.join(entry, "nvidia", "*", "lib") for entry in sys.path]
+    roots.append(os.path.join(cpp_extension.CUDA_HOME or "/usr/local/cuda", "lib*"))
+    for root in roots:
+        found = sorted(glob.glob(os.path.join(root, "libcublas.so*")))
+        if found:
+            return found[0]
+    sys.exit("rnnext: no libcublas.so found (nvidia pip packages or the CUDA toolkit); "
+             "set RNNEXT_CPU_ONLY=1 to build without the CUDA kernels")
+
+
+def _default_arch_list():
+    """Without a visible GPU torch cannot pick the architectures: build for Ampere (8.0) and
+    Hopper (9.0), with PTX for later ones."""
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+        os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"
 
 
 def _shared_libstdcxx():
@@ -67,11 +136,13 @@ def _extension():
     cxx = ["-O3", "-g0", "-fopenmp", "-fno-trapping-math"]
     link = _shared_libstdcxx()
     if _want_cuda():
+        _default_arch_list()
         sources += _sources("csrc/cuda/*.cu")
         return cpp_extension.CUDAExtension(
             "rnnext._C", sources,
             define_macros=[("RNNEXT_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]}, extra_link_args=link,
+            include_dirs=_nvidia_include_dirs(),
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]}, extra_link_args=link + [_cublas_library()],
         )
     return cpp_extension.CppExtension(
         "rnnext._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link,

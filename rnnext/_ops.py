@@ -55,6 +55,9 @@ def layer_forward(cell: str, x: Tensor, h0: Tensor, c0: Optional[Tensor], w: Lay
     Returns (y, h_n, c_n): y [T, B, Hout] (or [N, Hout]), h_n [B, Hout], c_n [B, H] (LSTM) or None.
     The op saves a workspace for backward only when autograd will need one.
     """
+    autocast_dtype = _autocast_dtype(x)
+    if autocast_dtype is not None:
+        x, h0, c0, w = _cast((x, h0, c0, w), autocast_dtype)
     need_backward = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, h0, c0, *w))
     op = _forward_op(cell)
@@ -70,6 +73,22 @@ def layer_forward(cell: str, x: Tensor, h0: Tensor, c0: Optional[Tensor], w: Lay
         with torch._C._AutoDispatchBelowAutograd():
             out = op(*args)
     return out[0], out[1], (out[2] if cell == "lstm" else None)
+
+
+def _autocast_dtype(x: Tensor) -> Optional[torch.dtype]:
+    """The dtype torch.autocast runs recurrent layers in on x's device, or None. torch.nn's
+    recurrent layers are on CUDA autocast's lower-precision list; rnnext's follow them there."""
+    if x.device.type == "cuda" and torch.is_autocast_enabled("cuda"):
+        return torch.get_autocast_dtype("cuda")
+    return None
+
+
+def _cast(tensors, dtype):
+    """x, h0, c0 and the layer's weights in dtype (differentiable: gradients reach the
+    float32 parameters in their own dtype, as under autocast with torch.nn)."""
+    x, h0, c0, w = tensors
+    cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
+    return cast(x), cast(h0), cast(c0), LayerWeights(*(cast(t) for t in w))
 
 
 def _is_compiling() -> bool:
