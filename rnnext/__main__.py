@@ -1,11 +1,13 @@
 """Command line: ``python -m rnnext check`` (parity report against torch.nn) and
-``python -m rnnext bench`` (speed report against torch.nn)."""
+``python -m rnnext bench`` (speed report against torch.nn), on the CPU or, with
+``--device cuda``, on a CUDA device."""
 from __future__ import annotations
 
 import argparse
 import platform
 import sys
 import time
+from typing import Optional
 
 import torch
 
@@ -23,63 +25,169 @@ def _machine() -> str:
     return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
+# ---------------------------------------------------------------- devices
+def _device_arg(text: str) -> torch.device:
+    """argparse type of --device: "cpu", "cuda" or "cuda:N"."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"not a device: {text!r} (expected cpu, cuda or cuda:N)")
+    if device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"unsupported device {text!r} (expected cpu, cuda or cuda:N)")
+    return device
+
+
+def _unavailable(device: torch.device) -> Optional[str]:
+    """Why `device` cannot be used here, or None."""
+    if device.type != "cuda":
+        return None
+    if torch.version.cuda is None:
+        return f"this torch build has no CUDA support (torch {torch.__version__})"
+    if not torch.cuda.is_available():
+        return (f"torch {torch.__version__} (CUDA {torch.version.cuda}) finds no usable GPU "
+                "(torch.cuda.is_available() is False: no GPU visible, or a driver problem)")
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        return f"{device} was asked for, but {torch.cuda.device_count()} CUDA device(s) are visible"
+    return None
+
+
+def _require(device: torch.device) -> bool:
+    """False (after printing why to stderr) when `device` cannot be used here."""
+    why = _unavailable(device)
+    if why is not None:
+        print(f"no CUDA device: {why}", file=sys.stderr)
+        return False
+    return True
+
+
+def _cudnn_version() -> str:
+    v = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+    if not v:
+        return "none"
+    # CUDNN_VERSION: major*1000 + minor*100 + patch up to cuDNN 8, major*10000 + minor*100 + patch from 9.
+    major, rest = (v // 10000, v % 10000) if v >= 90000 else (v // 1000, v % 1000)
+    return f"{major}.{rest // 100}.{rest % 100}"
+
+
+def _describe(device: torch.device) -> str:
+    """The header's machine: the CPU (model, threads, torch), or the GPU with the torch, CUDA
+    and cuDNN versions."""
+    if device.type == "cpu":
+        return _machine()
+    return (f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}, "
+            f"CUDA {torch.version.cuda}, cuDNN {_cudnn_version()}")
+
+
+def _device_fields(device: torch.device) -> dict:
+    """Device fields of the JSON report (none on the CPU, whose fields stay as they were)."""
+    if device.type == "cpu":
+        return {}
+    return {"device": str(device), "gpu": torch.cuda.get_device_name(device), "cuda": torch.version.cuda,
+            "cudnn": _cudnn_version(), "torch_nn": "cuDNN defaults",
+            "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
+            "cudnn_benchmark": torch.backends.cudnn.benchmark,
+            "matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32}
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+# ---------------------------------------------------------------- check
 def check(args) -> int:
     import warnings
 
     from . import parity
 
+    device = args.device
+    if not _require(device):
+        return 2
     # torch.nn's own notice that oneDNN lacks LSTM projections is noise in this report.
     warnings.filterwarnings("ignore", message="LSTM with projections is not supported")
 
-    configs = parity.default_configs()
+    configs = parity.default_configs(device)
     if args.quick:
         configs = [c for c in configs if c.dtype == torch.float64]
-    print(f"rnnext parity check against torch.nn — {_machine()}")
+    halves = sorted({c.dtype for c in configs if c.dtype in parity.HALF_DTYPES}, key=parity.HALF_DTYPES.index)
+    print(f"rnnext parity check against torch.nn — {_describe(device)}")
     print("Scaled max difference |ours - torch.nn| / max(1, |torch.nn|) over output, final states and")
     print("the gradients of input, initial states and every parameter; tolerance: "
-          + ", ".join(f"{str(d).replace('torch.', '')} {t:.0e}" for d, t in parity.TOLERANCE.items()))
+          + ", ".join(f"{_dtype_name(d)} {t:.0e}" for (kind, d), t in parity.TOLERANCE.items()
+                      if kind == device.type))
+    if device.type == "cuda":
+        print("(torch.nn on the same GPU, TF32 off in cuDNN and cuBLAS during the check)")
+    if halves:
+        print(f"{' and '.join(_dtype_name(d) for d in halves)}: ours and torch.nn in that dtype on the GPU, "
+              "each against a float64 oracle")
+        print("(torch.nn in float64 on the CPU, same weights and inputs); pass if ours <= "
+              f"max({parity.HALF_FACTOR:g} x torch.nn's, floor),")
+        print("floor " + ", ".join(f"{_dtype_name(d)} {parity.HALF_FLOOR[d]:.0e}" for d in halves))
     print()
-    header = f"{'cell':<9} {'dtype':<8} {'configuration':<50} {'max diff':>9} {'worst in':<26} result"
+    # One value fits 9 characters; a half row shows "ours 3.1e-03 / torch.nn 2.9e-03".
+    width = 31 if halves else 9
+    header = f"{'cell':<9} {'dtype':<8} {'configuration':<50} {'max diff':>{width}} {'worst in':<26} result"
     print(header)
     print("-" * len(header))
-    failures = 0
+    failures = errored = 0
     start = time.perf_counter()
     for i, cfg in enumerate(configs, 1):
-        res = parity.compare(cfg)
+        row = f"{cfg.mode:<9} {_dtype_name(cfg.dtype):<8} {cfg.describe():<50} "
+        try:
+            res = parity.compare(cfg, device=device)
+        except Exception as e:  # one broken configuration is reported, the others still run
+            failures += 1
+            errored += 1
+            message = (str(e).strip().splitlines() or [""])[0][:300]
+            print(f"{row}{'-':>{width}} {'':<26} ERROR  [{i}/{len(configs)}]\n    {type(e).__name__}: {message}",
+                  flush=True)
+            continue
         worst_key = max(res.errors, key=res.errors.get)
         verdict = "PASS" if res.passed else "FAIL"
         failures += not res.passed
-        print(f"{cfg.mode:<9} {str(cfg.dtype).replace('torch.', ''):<8} {cfg.describe():<50} "
-              f"{res.worst:>9.1e} {worst_key:<26} {verdict}   [{i}/{len(configs)}]", flush=True)
+        diff = f"{res.worst:.1e}" if res.ref_errors is None else \
+            f"ours {res.worst:.1e} / torch.nn {res.ref_worst:.1e}"
+        print(f"{row}{diff:>{width}} {worst_key:<26} {verdict}   [{i}/{len(configs)}]", flush=True)
     print("-" * len(header))
     took = time.perf_counter() - start
     if failures:
-        print(f"FAIL: {failures} of {len(configs)} configurations out of tolerance ({took:.1f} s)")
+        raised = f", {errored} of them raised an error" if errored else ""
+        print(f"FAIL: {failures} of {len(configs)} configurations out of tolerance{raised} ({took:.1f} s)")
         return 1
     print(f"PASS: all {len(configs)} configurations within tolerance ({took:.1f} s)")
     return 0
 
 
+# ---------------------------------------------------------------- bench
 def bench(args) -> int:
     import json
     import warnings
 
     from . import bench as b
 
+    device = args.device
+    if not _require(device):
+        return 2
     warnings.filterwarnings("ignore", message="LSTM with projections is not supported")
-    rows = b.default_rows()
+    rows = b.default_rows(device)
     if args.only:
         rows = [r for r in rows if any(key.lower() in r.name().lower() for key in args.only)]
-    machine = _machine()
+    machine = _describe(device)
     print(f"rnnext vs torch.nn speed — {machine}")
-    print(f"median of {args.repeats} interleaved repeats; fwd = inference (no grad), "
-          "train = forward + backward\n", flush=True)
-    results = b.run(rows, repeats=args.repeats, progress=lambda s: print(s, flush=True))
+    if device.type == "cpu":
+        print(f"median of {args.repeats} interleaved repeats; fwd = inference (no grad), "
+              "train = forward + backward\n", flush=True)
+    else:
+        print(f"median of {args.repeats} interleaved repeats, timed with CUDA events; fwd = inference (no grad), "
+              "train = forward + backward")
+        print(f"torch.nn: cuDNN defaults (allow_tf32={torch.backends.cudnn.allow_tf32}, "
+              f"benchmark={torch.backends.cudnn.benchmark}); GEMM floor: torch.mm/bmm on the GPU, "
+              f"TF32 {'on' if torch.backends.cuda.matmul.allow_tf32 else 'off'}\n", flush=True)
+    results = b.run(rows, repeats=args.repeats, progress=lambda s: print(s, flush=True), device=device)
     print()
     print(b.table(results))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(b.to_json(results, machine), f, indent=1)
+            json.dump(b.to_json(results, machine, _device_fields(device)), f, indent=1)
         print(f"\nwrote {args.json}")
     return 0
 
@@ -87,13 +195,19 @@ def bench(args) -> int:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m rnnext", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    p_check = sub.add_parser("check", help="parity report against torch.nn (exit 1 on any FAIL)")
+    device_help = ("where both modules run: cpu (default), cuda or cuda:N; "
+                   "exit status 2 when no CUDA device is available")
+    p_check = sub.add_parser("check", help="parity report against torch.nn (exit 1 on any FAIL); --device cuda for a GPU")
     p_check.add_argument("--quick", action="store_true", help="float64 configurations only")
+    p_check.add_argument("--device", type=_device_arg, default="cpu",
+                         help=device_help + " (on CUDA also float16 and bfloat16 against a float64 oracle)")
     p_check.set_defaults(func=check)
-    p_bench = sub.add_parser("bench", help="speed report against torch.nn")
+    p_bench = sub.add_parser("bench", help="speed report against torch.nn; --device cuda for a GPU")
     p_bench.add_argument("--repeats", type=int, default=7, help="interleaved repeats per row (median)")
     p_bench.add_argument("--only", nargs="*", help="run rows whose name contains any of these")
     p_bench.add_argument("--json", help="also write the results to this JSON file")
+    p_bench.add_argument("--device", type=_device_arg, default="cpu",
+                         help=device_help + " (on CUDA timed with CUDA events, two more rows)")
     p_bench.set_defaults(func=bench)
     args = parser.parse_args(argv)
     return args.func(args)

@@ -1,5 +1,5 @@
-"""Speed of rnnext against torch.nn on this machine: the measurement behind
-``python -m rnnext bench`` and benchmarks/run.py.
+"""Speed of rnnext against torch.nn on this machine (CPU or a CUDA device): the measurement
+behind ``python -m rnnext bench`` and benchmarks/run.py.
 
 Each row times the same model (same weights, same input) in rnnext and in torch.nn, in the
 same process, interleaved (ours, torch, ours, torch, ...), and reports medians. "fwd" is
@@ -8,6 +8,11 @@ the final states. The floor is the time of the row's GEMMs alone (same shapes an
 each on the fastest GEMM found here (torch.mm, i.e. MKL/OpenBLAS, or oneDNN with a prepacked
 weight); "of floor" is floor / rnnext time. "saved MiB" is what autograd keeps between forward
 and backward (unique storages packed by saved-tensor hooks), torch.nn vs rnnext.
+
+On a CUDA device the same code runs with the models and inputs moved there (weights and inputs
+drawn on the CPU, as there), timed with CUDA events after warm-up calls and a synchronize;
+torch.nn keeps cuDNN's defaults, and the floor is the fastest of a torch.mm loop and one
+torch.bmm on the device, in the row's dtype.
 """
 from __future__ import annotations
 
@@ -34,6 +39,7 @@ class Row:
     bidirectional: bool = False
     proj: int = 0
     packed: bool = False  # lengths spread over [T/10, T], unsorted
+    dtype: torch.dtype = torch.float32
 
     @property
     def I(self) -> int:  # noqa: E743 - the usual name
@@ -49,10 +55,13 @@ class Row:
             s += f" proj={self.proj}"
         if self.packed:
             s += " packed"
+        if self.dtype != torch.float32:
+            s += " " + str(self.dtype).replace("torch.", "")
         return s
 
 
-def default_rows() -> List[Row]:
+def default_rows(device="cpu") -> List[Row]:
+    """The suite's rows; on CUDA two larger LSTM rows more, the second in bfloat16."""
     rows = []
     for cell in ("LSTM", "GRU", "RNN"):
         for T, B, H in ((100, 1, 64), (100, 32, 256), (50, 64, 1024)):
@@ -60,6 +69,9 @@ def default_rows() -> List[Row]:
     rows.append(Row("GRU", 50, 16, 128, layers=2, bidirectional=True))
     rows.append(Row("LSTM", 50, 16, 256, layers=2, proj=128))
     rows.append(Row("LSTM", 100, 32, 256, packed=True))
+    if torch.device(device).type == "cuda":
+        rows.append(Row("LSTM", 100, 64, 512))
+        rows.append(Row("LSTM", 1024, 16, 768, dtype=torch.bfloat16))
     return rows
 
 
@@ -81,7 +93,8 @@ class Result:
 
 
 # ---------------------------------------------------------------- models and inputs
-def _models(row: Row):
+def _models(row: Row, device="cpu"):
+    """torch.nn's model and rnnext's with the same weights (drawn on the CPU) on `device`."""
     from .utils import from_torch
 
     torch.manual_seed(0)
@@ -92,6 +105,7 @@ def _models(row: Row):
         ref = nn.GRU(row.I, row.H, **kwargs)
     else:
         ref = nn.RNN(row.I, row.H, **kwargs)
+    ref.to(device=device, dtype=row.dtype)
     return ref, from_torch(ref)
 
 
@@ -102,18 +116,25 @@ def _lengths(row: Row) -> torch.Tensor:
     return lengths
 
 
-def _input(row: Row, requires_grad: bool):
+def _input(row: Row, requires_grad: bool, device="cpu"):
     x = torch.randn(row.T, row.B, row.I, generator=torch.Generator().manual_seed(1))
+    x = x.to(device=device, dtype=row.dtype)
     x.requires_grad_(requires_grad)
     if row.packed:
         return x, pack_padded_sequence(x, _lengths(row), enforce_sorted=False)
     return x, x
 
 
+def _device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
 def _step_fn(model: nn.Module, row: Row, mode: str) -> Callable[[], None]:
+    """One inference or training step of `model` on the row's input, on the model's device."""
+    device = _device_of(model)
     if mode == "fwd":
         model.eval()
-        _, inp = _input(row, requires_grad=False)
+        _, inp = _input(row, requires_grad=False, device=device)
 
         def run():
             with torch.no_grad():
@@ -121,7 +142,7 @@ def _step_fn(model: nn.Module, row: Row, mode: str) -> Callable[[], None]:
         return run
 
     model.train()
-    x, _ = _input(row, requires_grad=True)
+    x, _ = _input(row, requires_grad=True, device=device)
     lengths = _lengths(row) if row.packed else None
 
     def run():
@@ -140,7 +161,7 @@ def _step_fn(model: nn.Module, row: Row, mode: str) -> Callable[[], None]:
 def _saved_mib(model: nn.Module, row: Row) -> float:
     """MiB of unique storages autograd saves for backward in one training forward."""
     model.train()
-    x, inp = _input(row, requires_grad=True)
+    x, inp = _input(row, requires_grad=True, device=_device_of(model))
     storages: Dict[int, int] = {}
 
     def pack(t):
@@ -158,22 +179,43 @@ def _saved_mib(model: nn.Module, row: Row) -> float:
 
 
 # ---------------------------------------------------------------- timing
-def _time_once(fn: Callable[[], None], number: int) -> float:
+def _synchronize(device) -> None:
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time_once(fn: Callable[[], None], number: int, device="cpu") -> float:
+    """Seconds per call of `number` back-to-back calls: the wall clock on the CPU, CUDA events
+    on the device's current stream on CUDA (the host's launch gaps included)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        stream = torch.cuda.current_stream(device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record(stream)
+        for _ in range(number):
+            fn()
+        end.record(stream)
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3 / number
     start = time.perf_counter()
     for _ in range(number):
         fn()
     return (time.perf_counter() - start) / number
 
 
-def time_pair(fn_a, fn_b, repeats: int, min_seconds: float = 0.05) -> Tuple[float, float]:
-    """Median seconds per call of fn_a and fn_b, measured alternately."""
-    fn_a(), fn_b()  # warm-up (allocator, caches, weight packing)
-    est = max(_time_once(fn_a, 1), _time_once(fn_b, 1), 1e-6)
+def time_pair(fn_a, fn_b, repeats: int, min_seconds: float = 0.05, device="cpu") -> Tuple[float, float]:
+    """Median seconds per call of fn_a and fn_b (both running on `device`), measured alternately."""
+    # Warm-up (allocator, caches, weight packing; on CUDA also cuDNN's plans and lazy module loads).
+    for _ in range(1 if torch.device(device).type == "cpu" else 3):
+        fn_a(), fn_b()
+    _synchronize(device)
+    est = max(_time_once(fn_a, 1, device), _time_once(fn_b, 1, device), 1e-6)
     number = max(1, int(min_seconds / est))
     a, b = [], []
     for _ in range(repeats):
-        a.append(_time_once(fn_a, number))
-        b.append(_time_once(fn_b, number))
+        a.append(_time_once(fn_a, number, device))
+        b.append(_time_once(fn_b, number, device))
     return statistics.median(a), statistics.median(b)
 
 
@@ -211,58 +253,66 @@ def _gemm_list(row: Row, mode: str) -> Dict[Tuple[int, int, int], int]:
     return gemms
 
 
-_GEMM_CACHE: Dict[Tuple[int, int, int, int], float] = {}
+_GEMM_CACHE: Dict[tuple, float] = {}
 
 
-def _fastest_gemm_seconds(m: int, n: int, k: int, count: int) -> float:
-    """Seconds for `count` products [m, k] x [k, n] on the fastest route measured here: a loop
-    of torch.mm (MKL/OpenBLAS), a loop of oneDNN linear with a prepacked weight, or one batched
-    torch.bmm over all `count` (which leaves out Python's per-call cost for small products)."""
-    key = (m, n, k, count)
+def _fastest_gemm_seconds(m: int, n: int, k: int, count: int, device="cpu",
+                          dtype: torch.dtype = torch.float32) -> float:
+    """Seconds for `count` products [m, k] x [k, n] on `device` in `dtype`, on the fastest route
+    measured there: a loop of torch.mm (MKL/OpenBLAS on the CPU, cuBLAS on CUDA), one batched
+    torch.bmm over all `count` (which leaves out Python's per-call cost for small products),
+    and on the CPU a loop of oneDNN linear with a prepacked weight."""
+    device = torch.device(device)
+    key = (m, n, k, count, str(device), dtype)
     if key in _GEMM_CACHE:
         return _GEMM_CACHE[key]
-    a = torch.randn(m, k)
-    w = torch.randn(n, k)  # as a Linear weight: [m, k] x [k, n] = a @ w^T
-    out = torch.empty(m, n)
+    factory = dict(device=device, dtype=dtype)
+    a = torch.randn(m, k, **factory)
+    w = torch.randn(n, k, **factory)  # as a Linear weight: [m, k] x [k, n] = a @ w^T
+    out = torch.empty(m, n, **factory)
     candidates = [lambda: [torch.mm(a, w.t(), out=out) for _ in range(count)]]
     if count > 1:
-        a_all = torch.randn(count, m, k)
+        a_all = torch.randn(count, m, k, **factory)
         w_all = w.t().expand(count, k, n)
-        out_all = torch.empty(count, m, n)
+        out_all = torch.empty(count, m, n, **factory)
         candidates.append(lambda: torch.bmm(a_all, w_all, out=out_all))
-    try:
-        packed = torch.ops.mkldnn._reorder_linear_weight(w, m)
-        torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [], "")
-        candidates.append(lambda: [torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [], "")
-                                   for _ in range(count)])
-    except (RuntimeError, AttributeError):
-        pass
+    if device.type == "cpu":
+        try:
+            packed = torch.ops.mkldnn._reorder_linear_weight(w, m)
+            torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [], "")
+            candidates.append(lambda: [torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [], "")
+                                       for _ in range(count)])
+        except (RuntimeError, AttributeError):
+            pass
     best = math.inf
     for fn in candidates:
         fn()
-        est = max(_time_once(fn, 1), 1e-7)
+        _synchronize(device)
+        est = max(_time_once(fn, 1, device), 1e-7)
         number = max(1, int(0.02 / est))
-        best = min(best, statistics.median(_time_once(fn, number) for _ in range(5)))
+        best = min(best, statistics.median(_time_once(fn, number, device) for _ in range(5)))
     _GEMM_CACHE[key] = best
     return best
 
 
-def floor_seconds(row: Row, mode: str) -> float:
-    return sum(_fastest_gemm_seconds(*shape, count) for shape, count in _gemm_list(row, mode).items())
+def floor_seconds(row: Row, mode: str, device="cpu") -> float:
+    return sum(_fastest_gemm_seconds(*shape, count, device, row.dtype)
+               for shape, count in _gemm_list(row, mode).items())
 
 
 # ---------------------------------------------------------------- the suite
 def run(rows: List[Row], modes=("fwd", "train"), repeats: int = 7,
-        progress: Callable[[str], None] = print) -> List[Result]:
+        progress: Callable[[str], None] = print, device="cpu") -> List[Result]:
     results = []
     total = len(rows) * len(modes)
     for i, row in enumerate(rows):
         for j, mode in enumerate(modes):
-            ref, ours = _models(row)
-            t_ours, t_torch = time_pair(_step_fn(ours, row, mode), _step_fn(ref, row, mode), repeats)
+            ref, ours = _models(row, device)
+            t_ours, t_torch = time_pair(_step_fn(ours, row, mode), _step_fn(ref, row, mode), repeats,
+                                        device=device)
             saved = (_saved_mib(ref, row), _saved_mib(ours, row)) if mode == "train" else (None, None)
-            res = Result(row.name(), mode, t_torch * 1e3, t_ours * 1e3, floor_seconds(row, mode) * 1e3,
-                         saved[0], saved[1])
+            res = Result(row.name(), mode, t_torch * 1e3, t_ours * 1e3,
+                         floor_seconds(row, mode, device) * 1e3, saved[0], saved[1])
             results.append(res)
             progress(f"[{i * len(modes) + j + 1}/{total}] {res.row:<34} {mode:<5} torch {res.torch_ms:9.2f} ms"
                      f"  rnnext {res.rnnext_ms:9.2f} ms  x{res.speedup:5.2f}")
@@ -286,7 +336,10 @@ def table(results: List[Result]) -> str:
     return "\n".join(lines)
 
 
-def to_json(results: List[Result], machine: str) -> dict:
+def to_json(results: List[Result], machine: str, device_fields: Optional[dict] = None) -> dict:
+    """The report as JSON; `device_fields` (on CUDA: device, GPU, CUDA and cuDNN versions) are
+    merged in after the machine fields."""
     return {"machine": machine, "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "results": [asdict(r) for r in results],
+            "threads": torch.get_num_threads(), **(device_fields or {}),
+            "results": [asdict(r) for r in results],
             "geomean_speedup": geomean(r.speedup for r in results)}

@@ -4,19 +4,41 @@
 For one configuration, both modules run the same input (and initial state); the report is
 the largest absolute difference, relative to the size of torch.nn's values, in the output,
 the final states, and the gradients of the input, the initial states and every parameter.
+
+On a CUDA device both modules are moved there (the weights and inputs are drawn on the CPU,
+so the values are the same on every device); torch.nn runs with TF32 off. float16 and
+bfloat16 (CUDA only) are compared with a float64 oracle instead: torch.nn in float64 on the
+CPU with the same weights and inputs. rnnext's half result and torch.nn's half result are
+both measured against it, and rnnext passes when its error is at most
+max(HALF_FACTOR x torch.nn's error, HALF_FLOOR[dtype]).
 """
 from __future__ import annotations
 
+import contextlib
+import copy
 from dataclasses import dataclass, field
-from typing import Dict, Optional
+from typing import Dict, List, NamedTuple, Optional
 
 import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
-# Largest allowed scaled difference |ours - torch| / max(1, |torch|max) per dtype. float64
-# agrees to ~1e-15 in practice; float32 to ~1e-6 (different summation orders in the GEMMs).
-TOLERANCE = {torch.float64: 1e-12, torch.float32: 5e-6}
+# Largest allowed scaled difference |ours - torch| / max(1, |torch|max), keyed by
+# (device type, dtype). float64 agrees to ~1e-15 in practice; float32 on the CPU to ~1e-6
+# (different summation orders in the GEMMs), on CUDA looser because cuDNN and cuBLAS sum in
+# other orders again.
+TOLERANCE = {
+    ("cpu", torch.float64): 1e-12,
+    ("cpu", torch.float32): 5e-6,
+    ("cuda", torch.float64): 1e-12,
+    ("cuda", torch.float32): 2e-5,
+}
+# float16 and bfloat16 are measured against a float64 oracle; rnnext's scaled error may be up
+# to max(HALF_FACTOR x torch.nn's, HALF_FLOOR[dtype]). The floors are ~20 and ~12 units of
+# roundoff (2^-11 and 2^-8): room for a different but sound order of half roundings.
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+HALF_FACTOR = 2.0
+HALF_FLOOR = {torch.float16: 1e-2, torch.bfloat16: 5e-2}
 
 
 @dataclass
@@ -52,22 +74,57 @@ class Config:
 class Result:
     config: Config
     errors: Dict[str, float] = field(default_factory=dict)
+    device: str = "cpu"  # device type the modules ran on
+    # float16/bfloat16: torch.nn's own errors against the float64 oracle (errors are rnnext's).
+    ref_errors: Optional[Dict[str, float]] = None
 
     @property
     def worst(self) -> float:
         return max(self.errors.values())
 
     @property
+    def ref_worst(self) -> Optional[float]:
+        return max(self.ref_errors.values()) if self.ref_errors else None
+
+    @property
     def tolerance(self) -> float:
-        return TOLERANCE[self.config.dtype]
+        """The allowance: TOLERANCE's value or, against the float64 oracle,
+        max(HALF_FACTOR x torch.nn's error, HALF_FLOOR)."""
+        if self.ref_errors is not None:
+            return max(HALF_FACTOR * self.ref_worst, HALF_FLOOR[self.config.dtype])
+        return tolerance(self.device, self.config.dtype)
 
     @property
     def passed(self) -> bool:
         return self.worst <= self.tolerance
 
 
+def tolerance(device, dtype: torch.dtype) -> float:
+    """TOLERANCE for a device (torch.device or string such as "cuda:0") and dtype."""
+    key = (torch.device(device).type, dtype)
+    if key not in TOLERANCE:
+        raise ValueError(f"no parity tolerance for {dtype} on {key[0]}")
+    return TOLERANCE[key]
+
+
+@contextlib.contextmanager
+def strict_fp32(device):
+    """On CUDA: TF32 off in cuDNN and cuBLAS for the duration (restored afterwards), so that
+    torch.nn's float32 results are full float32. Nothing on the CPU."""
+    if torch.device(device).type != "cuda":
+        yield
+        return
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 def make_pair(cfg: Config):
-    """A torch.nn module and the rnnext module with the same weights."""
+    """A torch.nn module and the rnnext module with the same weights (on the CPU)."""
     from . import modules
 
     kwargs = dict(num_layers=cfg.num_layers, bias=cfg.bias, batch_first=cfg.batch_first,
@@ -89,19 +146,38 @@ def make_pair(cfg: Config):
 def _scaled_diff(ours: torch.Tensor, ref: torch.Tensor) -> float:
     if ref.numel() == 0:
         return 0.0
+    ours = ours.to(device=ref.device, dtype=ref.dtype)  # a half result against the float64 oracle
     scale = max(1.0, ref.abs().max().item())
     return (ours - ref).abs().max().item() / scale
 
 
-def compare(cfg: Config, generator: Optional[torch.Generator] = None) -> Result:
-    g = generator or torch.Generator().manual_seed(0)
-    torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=g)))
-    ref, ours = make_pair(cfg)
+def scaled_errors(values: Dict[str, torch.Tensor], ref_values: Dict[str, torch.Tensor]) -> Dict[str, float]:
+    """{name: scaled difference} of the values of one run against those of a reference run
+    (each compared on the reference's device and in its dtype)."""
+    return {key: _scaled_diff(values[key], ref_value) for key, ref_value in ref_values.items()}
+
+
+class Inputs(NamedTuple):
+    """The data of one configuration, on the CPU in the configuration's dtype."""
+
+    x: torch.Tensor
+    h0: torch.Tensor
+    c0: torch.Tensor
+    lengths: Optional[torch.Tensor]  # packed only; int64 on the CPU
+
+
+def _draw_dtype(dtype: torch.dtype) -> torch.dtype:
+    # float16/bfloat16 values are drawn in float32 and rounded, so the float64 oracle sees
+    # exactly the values the half runs see.
+    return torch.float32 if dtype in HALF_DTYPES else dtype
+
+
+def draw_inputs(cfg: Config, g: torch.Generator) -> Inputs:
     num_dirs = 2 if cfg.bidirectional else 1
     out_size = cfg.proj_size or cfg.hidden_size
 
     def rand(*shape):
-        return torch.randn(*shape, generator=g, dtype=cfg.dtype)
+        return torch.randn(*shape, generator=g, dtype=_draw_dtype(cfg.dtype)).to(cfg.dtype)
 
     if cfg.unbatched:
         x = rand(cfg.seq_len, cfg.input_size)
@@ -116,44 +192,87 @@ def compare(cfg: Config, generator: Optional[torch.Generator] = None) -> Result:
     if cfg.packed:
         lengths = torch.randint(1, cfg.seq_len + 1, (cfg.batch,), generator=g)
         lengths[int(torch.randint(0, cfg.batch, (1,), generator=g))] = cfg.seq_len
-
-    def run(module):
-        xi = x.clone().requires_grad_()
-        leaves = [xi]
-        hx = None
-        if cfg.with_hx:
-            hi, ci = h0.clone().requires_grad_(), c0.clone().requires_grad_()
-            hx = (hi, ci) if cfg.mode == "LSTM" else hi
-            leaves += [hi, ci] if cfg.mode == "LSTM" else [hi]
-        inp = xi
-        if cfg.packed:
-            inp = pack_padded_sequence(xi, lengths, batch_first=cfg.batch_first, enforce_sorted=False)
-        out, state = module(inp, hx)
-        if isinstance(out, PackedSequence):
-            out = out.data
-        states = list(state) if isinstance(state, tuple) else [state]
-        # Every element weighted differently, so gradient errors cannot cancel.
-        gen = torch.Generator().manual_seed(1)
-        loss = sum((t * torch.randn(t.shape, generator=gen, dtype=t.dtype)).sum() for t in [out] + states)
-        params = [p for _, p in module.named_parameters()]
-        grads = torch.autograd.grad(loss, leaves + params)
-        names = ["grad input"] + (["grad h0", "grad c0"][:len(leaves) - 1]) + \
-                [f"grad {n}" for n, _ in module.named_parameters()]
-        values = {"output": out.detach(), "h_n": states[0].detach()}
-        if len(states) > 1:
-            values["c_n"] = states[1].detach()
-        values.update(zip(names, grads))
-        return values
-
-    ref_values, our_values = run(ref), run(ours)
-    result = Result(cfg)
-    for key, ref_value in ref_values.items():
-        result.errors[key] = _scaled_diff(our_values[key], ref_value)
-    return result
+    return Inputs(x, h0, c0, lengths)
 
 
-def default_configs():
-    """The configurations of the check report: every cell type and feature, both dtypes."""
+def evaluate(module: nn.Module, cfg: Config, inputs: Inputs) -> Dict[str, torch.Tensor]:
+    """Runs `module` forward and backward on `inputs` moved to the module's device and dtype;
+    returns {name: tensor} of the output, final states and every gradient."""
+    weight = next(module.parameters())
+    device, dtype = weight.device, weight.dtype
+
+    def leaf(t):
+        return t.to(device=device, dtype=dtype, copy=True).requires_grad_()
+
+    xi = leaf(inputs.x)
+    leaves = [xi]
+    hx = None
+    if cfg.with_hx:
+        hi, ci = leaf(inputs.h0), leaf(inputs.c0)
+        hx = (hi, ci) if cfg.mode == "LSTM" else hi
+        leaves += [hi, ci] if cfg.mode == "LSTM" else [hi]
+    inp = xi
+    if cfg.packed:
+        inp = pack_padded_sequence(xi, inputs.lengths, batch_first=cfg.batch_first, enforce_sorted=False)
+    out, state = module(inp, hx)
+    if isinstance(out, PackedSequence):
+        out = out.data
+    states = list(state) if isinstance(state, tuple) else [state]
+    # Every element weighted differently, so gradient errors cannot cancel. The weights are
+    # drawn on the CPU in the configuration's dtype (the same values on every device, and for
+    # the float64 oracle the half values exactly).
+    gen = torch.Generator().manual_seed(1)
+
+    def weights(t):
+        w = torch.randn(t.shape, generator=gen, dtype=_draw_dtype(cfg.dtype)).to(cfg.dtype)
+        return w.to(device=t.device, dtype=t.dtype)
+
+    loss = sum((t * weights(t)).sum() for t in [out] + states)
+    params = [p for _, p in module.named_parameters()]
+    grads = torch.autograd.grad(loss, leaves + params)
+    names = ["grad input"] + (["grad h0", "grad c0"][:len(leaves) - 1]) + \
+            [f"grad {n}" for n, _ in module.named_parameters()]
+    values = {"output": out.detach(), "h_n": states[0].detach()}
+    if len(states) > 1:
+        values["c_n"] = states[1].detach()
+    values.update(zip(names, grads))
+    return values
+
+
+def compare_with_oracle(cfg: Config, ref: nn.Module, ours: nn.Module, inputs: Inputs,
+                        device="cpu") -> Result:
+    """A half-precision comparison: `ref` (torch.nn) and `ours` (any module with the same
+    parameter names, e.g. rnnext's) both move to `device` and are measured against a float64
+    oracle, torch.nn on the CPU with ref's weights cast to float64 and the same inputs.
+    Result.errors are ours', Result.ref_errors ref's."""
+    oracle = copy.deepcopy(ref).to(device="cpu", dtype=torch.float64)
+    oracle_values = evaluate(oracle, cfg, inputs)
+    ref_values = evaluate(ref.to(device), cfg, inputs)
+    our_values = evaluate(ours.to(device), cfg, inputs)
+    return Result(cfg, scaled_errors(our_values, oracle_values), torch.device(device).type,
+                  scaled_errors(ref_values, oracle_values))
+
+
+def compare(cfg: Config, generator: Optional[torch.Generator] = None, device="cpu") -> Result:
+    """rnnext against torch.nn for one configuration, both on `device` ("cpu", "cuda", ...)."""
+    g = generator or torch.Generator().manual_seed(0)
+    torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=g)))
+    ref, ours = make_pair(cfg)
+    inputs = draw_inputs(cfg, g)
+    with strict_fp32(device):
+        if cfg.dtype in HALF_DTYPES:
+            return compare_with_oracle(cfg, ref, ours, inputs, device)
+        ref_values = evaluate(ref.to(device), cfg, inputs)
+        our_values = evaluate(ours.to(device), cfg, inputs)
+    return Result(cfg, scaled_errors(our_values, ref_values), torch.device(device).type)
+
+
+def default_configs(device="cpu") -> List[Config]:
+    """The configurations of the check report: every cell type and feature, float32 and
+    float64; on CUDA also float16 and bfloat16."""
+    dtypes = (torch.float32, torch.float64)
+    if torch.device(device).type == "cuda":
+        dtypes += HALF_DTYPES
     configs = []
     for mode in ("LSTM", "GRU", "RNN_TANH", "RNN_RELU"):
         variants = [
@@ -165,7 +284,7 @@ def default_configs():
         ]
         if mode == "LSTM":
             variants.append(dict(proj_size=5, num_layers=2, bidirectional=True, with_hx=True))
-        for dtype in (torch.float32, torch.float64):
+        for dtype in dtypes:
             for v in variants:
                 configs.append(Config(mode=mode, dtype=dtype, **v))
     return configs
