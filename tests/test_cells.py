@@ -7,22 +7,19 @@ factor (so that gradient errors cannot cancel in a plain sum).
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional
 
 import pytest
 import torch
-from torch import nn
 from torch.func import functional_call
 from torch.profiler import ProfilerActivity, profile
 
 import rnnext
 
-F32, F64 = torch.float32, torch.float64
-# |ours - ref| <= TOL * max(1, |ref|), element by element.
-TOL = {F64: 1e-12, F32: 5e-6}
+from helpers import (CELL_KINDS as KINDS, F32, F64, as_list, assert_close_scaled, assert_results_close,
+                     leaf, make_pair, module_classes, run_cell, weighted_loss)
+
 I, H, B = 4, 5, 3
 
-KINDS = ("RNNCell_tanh", "RNNCell_relu", "GRUCell", "LSTMCell")
 # torch.nn's fused cell ops: none of them may run inside an rnnext cell.
 TORCH_CELL_OPS = ("aten::lstm_cell", "aten::gru_cell", "aten::rnn_tanh_cell", "aten::rnn_relu_cell",
                   "aten::_thnn_fused_lstm_cell", "aten::_thnn_fused_gru_cell")
@@ -30,89 +27,18 @@ OP_NAME = {"RNNCell_tanh": "rnn_tanh", "RNNCell_relu": "rnn_relu", "GRUCell": "g
 
 
 # ============================================================================ helpers
-def cell_classes(kind: str):
-    """(torch.nn class, rnnext class, extra constructor kwargs)."""
-    if kind.startswith("RNNCell"):
-        return nn.RNNCell, rnnext.RNNCell, {"nonlinearity": kind.split("_")[1]}
-    return getattr(nn, kind), getattr(rnnext, kind), {}
-
-
-def make_pair(kind: str, input_size: int = I, hidden_size: int = H, *, dtype=F64, bias: bool = True,
-              seed: int = 0, via: str = "state_dict"):
-    """A torch.nn cell (weights drawn by torch for `seed`) and an rnnext cell with those weights."""
-    ref_cls, our_cls, extra = cell_classes(kind)
-    torch.manual_seed(seed)
-    ref = ref_cls(input_size, hidden_size, bias=bias, dtype=dtype, **extra)
-    if via == "from_torch":
-        ours = rnnext.from_torch(ref)
-    else:
-        torch.manual_seed(seed + 1000)  # different draws: only load_state_dict makes them equal
-        ours = our_cls(input_size, hidden_size, bias=bias, dtype=dtype, **extra)
-        ours.load_state_dict(ref.state_dict())
-    assert type(ours) is our_cls
-    return ref, ours
-
-
-def random_state(kind: str, lead, dtype, gen: torch.Generator, hidden_size: int = H):
+def random_state(kind: str, lead, dtype, gen: torch.Generator, hidden_size: int = H, device="cpu"):
+    """hx (a tensor, or (h, c) for LSTMCell) drawn on the CPU from gen, moved to device."""
     h = 0.5 * torch.randn(*lead, hidden_size, generator=gen, dtype=dtype)
     if kind == "LSTMCell":
-        return h, 0.5 * torch.randn(*lead, hidden_size, generator=gen, dtype=dtype)
-    return h
+        return h.to(device), (0.5 * torch.randn(*lead, hidden_size, generator=gen, dtype=dtype)).to(device)
+    return h.to(device)
 
 
-def as_list(out) -> List[torch.Tensor]:
-    return list(out) if isinstance(out, tuple) else [out]
-
-
-def leaf(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().clone().requires_grad_(True)
-
-
-def weighted_loss(outputs: List[torch.Tensor], seed: int = 1234) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return sum((o * torch.randn(o.shape, generator=g, dtype=o.dtype)).sum() for o in outputs)
-
-
-def run_cell(cell, x, hx) -> Dict[str, Optional[torch.Tensor]]:
-    """One step with fresh leaves; returns outputs and every gradient, keyed by name."""
-    cell.zero_grad(set_to_none=True)
-    x = leaf(x)
-    states = None if hx is None else [leaf(t) for t in as_list(hx)]
-    call_hx = None if states is None else (tuple(states) if len(states) == 2 else states[0])
-    outs = as_list(cell(x, call_hx))
-    weighted_loss(outs).backward()
-    res: Dict[str, Optional[torch.Tensor]] = {f"out{i}": o.detach() for i, o in enumerate(outs)}
-    res["grad_x"] = x.grad
-    for i, s in enumerate(states or []):
-        res[f"grad_hx{i}"] = s.grad
-    for name, p in cell.named_parameters():
-        res[f"param.{name}"] = p.grad
-    return res
-
-
-def assert_close_scaled(got: torch.Tensor, expected: torch.Tensor, dtype, what: str = "") -> None:
-    """|got - expected| <= TOL[dtype] * max(1, |expected|) elementwise; same shape and dtype."""
-    assert got is not None, f"{what}: missing (expected shape {tuple(expected.shape)})"
-    assert got.shape == expected.shape, f"{what}: shape {tuple(got.shape)} != {tuple(expected.shape)}"
-    assert got.dtype == expected.dtype, f"{what}: dtype {got.dtype} != {expected.dtype}"
-    if expected.numel() == 0:
-        return
-    bound = TOL[dtype] * expected.abs().clamp(min=1.0)
-    err = (got - expected).abs()
-    worst = (err / bound).max().item()
-    assert bool((err <= bound).all()), (
-        f"{what}: max abs error {err.max().item():.3e} exceeds the bound "
-        f"({TOL[dtype]:.0e} * max(1, |ref|)) by a factor {worst:.2f}")
-
-
-def assert_results_match(ref_res, our_res, dtype, what: str = "") -> None:
-    assert set(our_res) == set(ref_res), f"{what}: keys differ: {set(our_res) ^ set(ref_res)}"
-    for key, expected in ref_res.items():
-        got = our_res[key]
-        if expected is None:
-            assert got is None, f"{what}: {key} should be None (as in torch.nn)"
-            continue
-        assert_close_scaled(got, expected, dtype, f"{what}: {key}")
+def assert_results_match(ref_res, our_res, what: str = "") -> None:
+    """|ours - ref| <= atol * max(1, |ref|) element by element (helpers.TOL for the device and
+    dtype), every key, None where torch.nn has None."""
+    assert_results_close(ref_res, our_res, what, per_element=True)
 
 
 # ============================================================================ one-step parity
@@ -121,50 +47,51 @@ def assert_results_match(ref_res, our_res, dtype, what: str = "") -> None:
 @pytest.mark.parametrize("with_hx", [True, False], ids=["hx", "nohx"])
 @pytest.mark.parametrize("batched", [True, False], ids=["batched", "unbatched"])
 @pytest.mark.parametrize("kind", KINDS)
-def test_cell_parity(kind, batched, with_hx, bias, dtype):
-    ref, ours = make_pair(kind, dtype=dtype, bias=bias, via="state_dict" if dtype == F64 else "from_torch")
+def test_cell_parity(kind, batched, with_hx, bias, dtype, device):
+    ref, ours = make_pair(kind, dtype=dtype, bias=bias, via="state_dict" if dtype == F64 else "from_torch",
+                          device=device)
     g = torch.Generator().manual_seed(7)
     lead = (B,) if batched else ()
-    x = torch.randn(*lead, I, generator=g, dtype=dtype)
-    hx = random_state(kind, lead, dtype, g) if with_hx else None
+    x = torch.randn(*lead, I, generator=g, dtype=dtype).to(device)
+    hx = random_state(kind, lead, dtype, g, device=device) if with_hx else None
     ref_res = run_cell(ref, x, hx)
     our_res = run_cell(ours, x, hx)
     # the oracle itself: the gradients that must exist do exist, and are not all zero
     assert ref_res["grad_x"] is not None and ref_res["grad_x"].abs().sum() > 0
     assert ref_res["out0"].shape == ((B, H) if batched else (H,))
-    assert_results_match(ref_res, our_res, dtype, what=f"{kind} batched={batched} hx={with_hx} bias={bias}")
+    assert_results_match(ref_res, our_res, what=f"{kind} batched={batched} hx={with_hx} bias={bias}")
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_cell_parity_larger_sizes_and_saturation(kind):
+def test_cell_parity_larger_sizes_and_saturation(kind, device):
     """Bigger sizes (several parallel row blocks) and large inputs that saturate the gates."""
-    ref, ours = make_pair(kind, 24, 40, dtype=F64, seed=3)
+    ref, ours = make_pair(kind, 24, 40, dtype=F64, seed=3, device=device)
     g = torch.Generator().manual_seed(11)
-    x = 4.0 * torch.randn(65, 24, generator=g, dtype=F64)
-    hx = random_state(kind, (65,), F64, g, hidden_size=40)
-    assert_results_match(run_cell(ref, x, hx), run_cell(ours, x, hx), F64, what=kind)
+    x = (4.0 * torch.randn(65, 24, generator=g, dtype=F64)).to(device)
+    hx = random_state(kind, (65,), F64, g, hidden_size=40, device=device)
+    assert_results_match(run_cell(ref, x, hx), run_cell(ours, x, hx), what=kind)
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_cell_output_does_not_alias_or_modify_inputs(kind):
-    ref, ours = make_pair(kind, dtype=F64)
+def test_cell_output_does_not_alias_or_modify_inputs(kind, device):
+    ref, ours = make_pair(kind, dtype=F64, device=device)
     g = torch.Generator().manual_seed(5)
-    x = torch.randn(B, I, generator=g, dtype=F64)
-    hx = random_state(kind, (B,), F64, g)
+    x = torch.randn(B, I, generator=g, dtype=F64).to(device)
+    hx = random_state(kind, (B,), F64, g, device=device)
     saved = [t.clone() for t in [x, *as_list(hx)]]
     outs = as_list(ours(x, hx))
     assert all(torch.equal(a, b) for a, b in zip(saved, [x, *as_list(hx)])), "inputs were modified"
     for o in outs:
         assert all(o.data_ptr() != t.data_ptr() for t in [x, *as_list(hx)])
     for o, e in zip(outs, as_list(ref(x, hx))):
-        assert_close_scaled(o.detach(), e.detach(), F64)
+        assert_close_scaled(o.detach(), e.detach())
 
 
 # ============================================================================ module API
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("kind", KINDS)
 def test_parameters_and_repr_match_torch(kind, bias):
-    ref_cls, our_cls, extra = cell_classes(kind)
+    ref_cls, our_cls, extra = module_classes(kind)
     ref = ref_cls(I, H, bias=bias, **extra)
     ours = our_cls(I, H, bias=bias, **extra)
     assert [(n, tuple(p.shape)) for n, p in ours.named_parameters()] == \
@@ -182,16 +109,17 @@ def test_parameters_and_repr_match_torch(kind, bias):
 
 @pytest.mark.parametrize("dtype", [F32, F64])
 @pytest.mark.parametrize("kind", KINDS)
-def test_same_seed_gives_same_initial_weights(kind, dtype):
-    ref_cls, our_cls, extra = cell_classes(kind)
+def test_same_seed_gives_same_initial_weights(kind, dtype, device):
+    """Constructed on the device: the weights come from that device's generator."""
+    ref_cls, our_cls, extra = module_classes(kind)
     torch.manual_seed(42)
-    ref = ref_cls(I, H, dtype=dtype, **extra)
-    after_ref = torch.rand(1)
+    ref = ref_cls(I, H, dtype=dtype, device=device, **extra)
+    after_ref = torch.rand(1, device=device)
     torch.manual_seed(42)
-    ours = our_cls(I, H, dtype=dtype, **extra)
-    after_ours = torch.rand(1)
+    ours = our_cls(I, H, dtype=dtype, device=device, **extra)
+    after_ours = torch.rand(1, device=device)
     for (name, p), (_, q) in zip(ref.named_parameters(), ours.named_parameters()):
-        assert q.dtype == dtype
+        assert q.dtype == dtype and q.device == p.device
         assert torch.equal(p, q), f"{name} differs"
     bound = 1.0 / math.sqrt(H)
     assert all(p.abs().max() <= bound for p in ours.parameters())
@@ -199,13 +127,13 @@ def test_same_seed_gives_same_initial_weights(kind, dtype):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_from_torch_copies_config_and_weights(kind):
-    ref_cls, our_cls, extra = cell_classes(kind)
-    ref = ref_cls(I, H, bias=False, dtype=F64, **extra)
+def test_from_torch_copies_config_and_weights(kind, device):
+    ref_cls, our_cls, extra = module_classes(kind)
+    ref = ref_cls(I, H, bias=False, dtype=F64, device=device, **extra)
     ours = rnnext.from_torch(ref)
     assert type(ours) is our_cls and repr(ours) == repr(ref)
     for (n, p), (m, q) in zip(ref.named_parameters(), ours.named_parameters()):
-        assert n == m and q.dtype == F64 and torch.equal(p, q)
+        assert n == m and q.dtype == F64 and q.device == p.device and torch.equal(p, q)
         assert q.data_ptr() != p.data_ptr(), "from_torch must copy, not share, the weights"
 
 
@@ -217,9 +145,9 @@ def _profiled_names(fn) -> set:
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_cells_run_rnnext_ops_not_torch_cells(kind):
-    ref, ours = make_pair(kind, dtype=F32)
-    x = torch.randn(B, I, requires_grad=True)
+def test_cells_run_rnnext_ops_not_torch_cells(kind, device):
+    ref, ours = make_pair(kind, dtype=F32, device=device)
+    x = torch.randn(B, I).to(device).requires_grad_()
 
     def step(cell):
         return lambda: weighted_loss(as_list(cell(x))).backward()
@@ -265,38 +193,38 @@ def _run_loop(cell, kind, xs, hx, steps):
 
 @pytest.mark.parametrize("dtype", [F64, F32], ids=["float64", "float32"])
 @pytest.mark.parametrize("kind", KINDS)
-def test_ten_step_loop_matches_torch(kind, dtype):
+def test_ten_step_loop_matches_torch(kind, dtype, device):
     steps = 10
-    ref, ours = make_pair(kind, dtype=dtype, via="from_torch", seed=2)
+    ref, ours = make_pair(kind, dtype=dtype, via="from_torch", seed=2, device=device)
     g = torch.Generator().manual_seed(8)
-    xs = torch.randn(steps, B, I, generator=g, dtype=dtype)
-    hx = random_state(kind, (B,), dtype, g)
+    xs = torch.randn(steps, B, I, generator=g, dtype=dtype).to(device)
+    hx = random_state(kind, (B,), dtype, g, device=device)
     ref_res = _run_loop(ref, kind, xs, hx, steps)
     our_res = _run_loop(ours, kind, xs, hx, steps)
     # the gradient reaches the first step through all ten
     assert ref_res["grad_x"][0].abs().sum() > 0
-    assert_results_match(ref_res, our_res, dtype, what=f"{kind} loop")
+    assert_results_match(ref_res, our_res, what=f"{kind} loop")
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_unbatched_loop_matches_torch(kind):
+def test_unbatched_loop_matches_torch(kind, device):
     steps = 10
-    ref, ours = make_pair(kind, dtype=F64, seed=4)
+    ref, ours = make_pair(kind, dtype=F64, seed=4, device=device)
     g = torch.Generator().manual_seed(9)
-    xs = torch.randn(steps, I, generator=g, dtype=F64)
-    hx = random_state(kind, (), F64, g)
-    assert_results_match(_run_loop(ref, kind, xs, hx, steps), _run_loop(ours, kind, xs, hx, steps), F64,
+    xs = torch.randn(steps, I, generator=g, dtype=F64).to(device)
+    hx = random_state(kind, (), F64, g, device=device)
+    assert_results_match(_run_loop(ref, kind, xs, hx, steps), _run_loop(ours, kind, xs, hx, steps),
                          what=f"{kind} unbatched loop")
 
 
 # ============================================================================ gradcheck
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("kind", KINDS)
-def test_gradcheck_inputs_states_and_parameters(kind, bias):
-    _, ours = make_pair(kind, 3, 2, dtype=F64, bias=bias, seed=6)
+def test_gradcheck_inputs_states_and_parameters(kind, bias, device):
+    _, ours = make_pair(kind, 3, 2, dtype=F64, bias=bias, seed=6, device=device)
     g = torch.Generator().manual_seed(10)
-    x = torch.randn(2, 3, generator=g, dtype=F64)
-    states = as_list(random_state(kind, (2,), F64, g, hidden_size=2))
+    x = torch.randn(2, 3, generator=g, dtype=F64).to(device)
+    states = as_list(random_state(kind, (2,), F64, g, hidden_size=2, device=device))
     names = [n for n, _ in ours.named_parameters()]
     params = [p.detach().clone() for _, p in ours.named_parameters()]
     n_states = len(states)
@@ -318,25 +246,25 @@ def test_gradcheck_inputs_states_and_parameters(kind, bias):
 # ============================================================================ batch size 0 and sizes
 @pytest.mark.parametrize("with_hx", [False, True], ids=["nohx", "hx"])
 @pytest.mark.parametrize("kind", KINDS)
-def test_batch_size_zero_matches_torch(kind, with_hx):
-    ref, ours = make_pair(kind, dtype=F64)
-    x = torch.randn(0, I, dtype=F64)
-    hx = random_state(kind, (0,), F64, torch.Generator().manual_seed(0)) if with_hx else None
+def test_batch_size_zero_matches_torch(kind, with_hx, device):
+    ref, ours = make_pair(kind, dtype=F64, device=device)
+    x = torch.randn(0, I, dtype=F64).to(device)
+    hx = random_state(kind, (0,), F64, torch.Generator().manual_seed(0), device=device) if with_hx else None
     ref_res = run_cell(ref, x, hx)
     our_res = run_cell(ours, x, hx)
     assert ref_res["out0"].shape == (0, H)
-    assert_results_match(ref_res, our_res, F64, what=f"{kind} batch 0")
+    assert_results_match(ref_res, our_res, what=f"{kind} batch 0")
     for name, _ in ours.named_parameters():
         assert torch.count_nonzero(our_res[f"param.{name}"]) == 0
 
 
 @pytest.mark.parametrize("sizes", [(0, H), (I, 0)], ids=["input_size0", "hidden_size0"])
 @pytest.mark.parametrize("kind", KINDS)
-def test_zero_feature_sizes_match_torch(kind, sizes):
+def test_zero_feature_sizes_match_torch(kind, sizes, device):
     """torch.nn's cells accept input_size=0 and hidden_size=0 (empty weights)."""
     input_size, hidden_size = sizes
-    ref, ours = make_pair(kind, input_size, hidden_size, dtype=F64)
+    ref, ours = make_pair(kind, input_size, hidden_size, dtype=F64, device=device)
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(B, input_size, generator=g, dtype=F64)
-    hx = random_state(kind, (B,), F64, g, hidden_size=hidden_size)
-    assert_results_match(run_cell(ref, x, hx), run_cell(ours, x, hx), F64, what=f"{kind} sizes {sizes}")
+    x = torch.randn(B, input_size, generator=g, dtype=F64).to(device)
+    hx = random_state(kind, (B,), F64, g, hidden_size=hidden_size, device=device)
+    assert_results_match(run_cell(ref, x, hx), run_cell(ours, x, hx), what=f"{kind} sizes {sizes}")

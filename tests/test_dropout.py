@@ -1,6 +1,9 @@
 """Dropout between stacked layers, as torch.nn: only in training mode, only between layers
 (never after the last one), with probability p, and drawing from the global RNG exactly as
-torch.nn's CPU kernels do (so a fixed seed gives torch.nn's result in training mode too)."""
+torch.nn's CPU kernels do (so a fixed seed gives torch.nn's result in training mode too).
+On CUDA the same, against torch.nn's native CUDA kernels, which draw their masks with
+at::dropout from the CUDA generator as rnnext does (cuDNN's dropout draws its own masks;
+see helpers.torch_oracle)."""
 from __future__ import annotations
 
 import warnings
@@ -11,7 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import rnnext
-from helpers import CELLS, TOL, check_parity, make_inputs, make_pair, module_classes, run, assert_results_close
+from helpers import (CELLS, assert_results_close, check_parity, make_inputs, make_pair, module_classes, run,
+                     tolerance, torch_oracle)
 
 F64, F32 = torch.float64, torch.float32
 
@@ -33,8 +37,8 @@ def record_dropout(monkeypatch):
 
 
 @pytest.mark.parametrize("cell", CELLS)
-def test_training_output_differs_from_eval(cell):
-    _, ours = make_pair(cell, num_layers=2, dropout=0.5)
+def test_training_output_differs_from_eval(cell, device):
+    _, ours = make_pair(cell, num_layers=2, dropout=0.5, device=device)
     x, hx = make_inputs(ours, with_hx=True)
     ours.eval()
     eval_out = ours(x, hx)[0]
@@ -50,12 +54,12 @@ def test_training_output_differs_from_eval(cell):
 @pytest.mark.parametrize("layers", [2, 3])
 @pytest.mark.parametrize("p", [0.2, 0.5])
 @pytest.mark.parametrize("cell", CELLS)
-def test_dropout_mask_rate_and_scaling(cell, p, layers, record_dropout):
+def test_dropout_mask_rate_and_scaling(cell, p, layers, record_dropout, device):
     """Dropout is called once between each pair of layers (not after the last), with p and
     training=True, on the concatenated directions; about a fraction p of the elements are
     zeroed and the rest are scaled by 1 / (1 - p)."""
     hidden = 32
-    _, ours = make_pair(cell, 8, hidden, num_layers=layers, dropout=p, bidirectional=True)
+    _, ours = make_pair(cell, 8, hidden, num_layers=layers, dropout=p, bidirectional=True, device=device)
     ours.train()
     x, hx = make_inputs(ours, with_hx=True, seq_len=20, batch=16)
     torch.manual_seed(1)
@@ -75,12 +79,12 @@ def test_dropout_mask_rate_and_scaling(cell, p, layers, record_dropout):
 
 
 @pytest.mark.parametrize("cell", CELLS)
-def test_dropped_tensor_is_the_next_layers_input(cell, record_dropout):
+def test_dropped_tensor_is_the_next_layers_input(cell, record_dropout, device):
     """Running torch.nn's single layer (with rnnext's layer-1 weights) on the recorded dropout
     output and layer 1's initial state reproduces rnnext's output: the mask is applied to the
     input of the next layer, and to nothing else."""
     ref_cls, our_cls, extra = module_classes(cell)
-    _, ours = make_pair(cell, num_layers=2, dropout=0.4)
+    _, ours = make_pair(cell, num_layers=2, dropout=0.4, device=device)
     ours.train()
     x, hx = make_inputs(ours, with_hx=True)
     torch.manual_seed(2)
@@ -89,28 +93,28 @@ def test_dropped_tensor_is_the_next_layers_input(cell, record_dropout):
     dropped = record_dropout[0][3]
     assert (dropped == 0).any()
 
-    layer1 = ref_cls(ours.hidden_size, ours.hidden_size, dtype=F64, **extra)
+    layer1 = ref_cls(ours.hidden_size, ours.hidden_size, dtype=F64, device=device, **extra)
     with torch.no_grad():
         for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
             getattr(layer1, name + "_l0").copy_(getattr(ours, name + "_l1"))
     hx1 = (hx[0][1:], hx[1][1:]) if cell == "LSTM" else hx[1:]
     expected, expected_state = layer1(dropped, hx1)
-    torch.testing.assert_close(out, expected, **TOL[F64])
+    torch.testing.assert_close(out, expected, **tolerance(device, F64))
     h_n = state[0] if cell == "LSTM" else state
     expected_h = expected_state[0] if cell == "LSTM" else expected_state
-    torch.testing.assert_close(h_n[1:], expected_h, **TOL[F64])
+    torch.testing.assert_close(h_n[1:], expected_h, **tolerance(device, F64))
 
 
 @pytest.mark.parametrize("cell", CELLS)
-def test_no_dropout_call_in_eval_or_single_layer(cell, record_dropout):
-    _, ours = make_pair(cell, num_layers=3, dropout=0.5)
+def test_no_dropout_call_in_eval_or_single_layer(cell, record_dropout, device):
+    _, ours = make_pair(cell, num_layers=3, dropout=0.5, device=device)
     x, hx = make_inputs(ours, with_hx=True)
     ours.eval()
     ours(x, hx)
     assert record_dropout == []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        _, single = make_pair(cell, num_layers=1, dropout=0.5)
+        _, single = make_pair(cell, num_layers=1, dropout=0.5, device=device)
     single.train()
     single(x, hx[:1] if cell != "LSTM" else (hx[0][:1], hx[1][:1]))
     assert record_dropout == []
@@ -118,8 +122,8 @@ def test_no_dropout_call_in_eval_or_single_layer(cell, record_dropout):
 
 @pytest.mark.parametrize("bidirectional", [False, True])
 @pytest.mark.parametrize("cell", CELLS)
-def test_eval_mode_matches_torch(cell, bidirectional):
-    ref, ours = make_pair(cell, num_layers=3, dropout=0.5, bidirectional=bidirectional)
+def test_eval_mode_matches_torch(cell, bidirectional, device):
+    ref, ours = make_pair(cell, num_layers=3, dropout=0.5, bidirectional=bidirectional, device=device)
     ref.eval()
     ours.eval()
     x, hx = make_inputs(ref, with_hx=True)
@@ -127,8 +131,8 @@ def test_eval_mode_matches_torch(cell, bidirectional):
 
 
 @pytest.mark.parametrize("cell", CELLS)
-def test_gradients_flow_in_training_mode(cell):
-    _, ours = make_pair(cell, num_layers=3, dropout=0.3, bidirectional=True)
+def test_gradients_flow_in_training_mode(cell, device):
+    _, ours = make_pair(cell, num_layers=3, dropout=0.3, bidirectional=True, device=device)
     ours.train()
     x, hx = make_inputs(ours, with_hx=True)
     torch.manual_seed(3)
@@ -148,8 +152,8 @@ def test_gradients_flow_in_training_mode(cell):
 @pytest.mark.parametrize("dtype", [F64, F32], ids=["f64", "f32"])
 @pytest.mark.parametrize("bidirectional", [False, True])
 @pytest.mark.parametrize("cell", CELLS)
-def test_training_mode_matches_torch_with_same_seed(cell, bidirectional, dtype):
-    ref, ours = make_pair(cell, dtype=dtype, num_layers=3, dropout=0.4, bidirectional=bidirectional)
+def test_training_mode_matches_torch_with_same_seed(cell, bidirectional, dtype, device):
+    ref, ours = make_pair(cell, dtype=dtype, num_layers=3, dropout=0.4, bidirectional=bidirectional, device=device)
     ref.train()
     ours.train()
     x, hx = make_inputs(ref, with_hx=True)
@@ -157,7 +161,7 @@ def test_training_mode_matches_torch_with_same_seed(cell, bidirectional, dtype):
     expected = run(ref, x, hx)
     torch.manual_seed(5)
     got = run(ours, x, hx)
-    assert_results_close(expected, got, dtype, what="training with dropout")
+    assert_results_close(expected, got, what="training with dropout")
     # and a different seed gives a different result (the comparison above is not vacuous)
     torch.manual_seed(6)
     other = run(ours, x, hx)
@@ -165,36 +169,37 @@ def test_training_mode_matches_torch_with_same_seed(cell, bidirectional, dtype):
 
 
 @pytest.mark.parametrize("cell", CELLS)
-def test_training_mode_matches_torch_unbatched_and_no_grad(cell):
-    ref, ours = make_pair(cell, num_layers=2, dropout=0.5, batch_first=True)
+def test_training_mode_matches_torch_unbatched_and_no_grad(cell, device):
+    ref, ours = make_pair(cell, num_layers=2, dropout=0.5, batch_first=True, device=device)
     x, hx = make_inputs(ref, batched=False, with_hx=True)
     torch.manual_seed(8)
     expected = run(ref, x, hx)
     torch.manual_seed(8)
     got = run(ours, x, hx)
-    assert_results_close(expected, got, F64, what="unbatched training")
+    assert_results_close(expected, got, what="unbatched training")
     with torch.no_grad():  # training mode drops even without autograd, as torch.nn does
         torch.manual_seed(9)
-        expected = ref(x, hx)[0]
+        with torch_oracle(ref):
+            expected = ref(x, hx)[0]
         torch.manual_seed(9)
         got = ours(x, hx)[0]
-    torch.testing.assert_close(got, expected, **TOL[F64])
+    torch.testing.assert_close(got, expected, **tolerance(device, F64))
 
 
-def test_training_mode_matches_torch_lstm_proj():
-    ref, ours = make_pair("LSTM", num_layers=3, dropout=0.4, bidirectional=True, proj_size=2)
+def test_training_mode_matches_torch_lstm_proj(device):
+    ref, ours = make_pair("LSTM", num_layers=3, dropout=0.4, bidirectional=True, proj_size=2, device=device)
     x, hx = make_inputs(ref, with_hx=True)
     torch.manual_seed(10)
     expected = run(ref, x, hx)
     torch.manual_seed(10)
     got = run(ours, x, hx)
-    assert_results_close(expected, got, F64, what="LSTM proj training")
+    assert_results_close(expected, got, what="LSTM proj training")
 
 
 @pytest.mark.parametrize("cell", CELLS)
-def test_dropout_one_zeroes_the_next_layers_input(cell, record_dropout):
+def test_dropout_one_zeroes_the_next_layers_input(cell, record_dropout, device):
     """p = 1: the next layer sees zeros; the last layer's output is not dropped; torch.nn agrees."""
-    ref, ours = make_pair(cell, num_layers=2, dropout=1.0)
+    ref, ours = make_pair(cell, num_layers=2, dropout=1.0, device=device)
     x, hx = make_inputs(ref, with_hx=True)
     torch.manual_seed(11)
     got = run(ours, x, hx)
@@ -202,7 +207,7 @@ def test_dropout_one_zeroes_the_next_layers_input(cell, record_dropout):
     assert torch.count_nonzero(got["out"]) > 0
     torch.manual_seed(11)
     expected = run(ref, x, hx)
-    assert_results_close(expected, got, F64, what="dropout=1")
+    assert_results_close(expected, got, what="dropout=1")
 
 
 # ---------------------------------------------------------------- the num_layers=1 warning

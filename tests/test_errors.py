@@ -5,15 +5,16 @@ NaN/inf, non-contiguous tensors) and the direct op calls, which must raise Runti
 never bring the process down.
 
 torch.nn is the oracle: every module-level case runs the same call on torch.nn and on rnnext.
-Everything needed by the subprocess test lives in this file (`all_invalid_rnnext_calls`), so
-the subprocess imports it by path and replays every case.
+Everything needed by the subprocess test lives in this file (`all_invalid_rnnext_calls`) and
+in helpers.py, so the subprocess imports it by path (with tests/ on its path) and replays
+every case. CPU-only: the CPU's refusals (float16/bfloat16 on the CPU among them); the CUDA
+device mix-ups are in test_cuda.py.
 """
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
@@ -23,32 +24,20 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
 import rnnext
+from helpers import CELL_KINDS, GATES, OP_CELLS, make_pair, raised, tolerance, weighted_loss
 from rnnext.modules import ArgumentTypeError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+TESTS_DIR = Path(__file__).resolve().parent
 
 # Small sizes: every case builds its own pair of modules.
 I, H, P, L, B, T = 4, 5, 3, 2, 3, 2
 F32, F64 = torch.float32, torch.float64
 
 SEQ_KINDS = ("RNN_TANH", "RNN_RELU", "GRU", "LSTM", "LSTM_PROJ")
-CELL_KINDS = ("RNNCell_tanh", "RNNCell_relu", "GRUCell", "LSTMCell")
-OP_CELLS = ("rnn_tanh", "rnn_relu", "gru", "lstm")
-GATES = {"rnn_tanh": 1, "rnn_relu": 1, "gru": 3, "lstm": 4}
 
 
 # ============================================================================ helpers
-def _raised(fn: Callable[[], object]) -> Optional[BaseException]:
-    """The exception fn raises, or None."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            fn()
-    except Exception as exc:  # noqa: BLE001 - any exception type is what is under test
-        return exc
-    return None
-
-
 def assert_message(exc: BaseException, words: Sequence[str]) -> None:
     """Each entry of words must occur in the message (case-insensitive); 'a|b' means either."""
     msg = str(exc).lower()
@@ -61,9 +50,9 @@ def assert_message(exc: BaseException, words: Sequence[str]) -> None:
 def assert_same_error(ref_fn, our_fn, words: Sequence[str]) -> Tuple[BaseException, BaseException]:
     """Both calls raise, ours is an instance of torch.nn's exception type, and our message
     names the problem."""
-    ref_exc = _raised(ref_fn)
+    ref_exc = raised(ref_fn)
     assert ref_exc is not None, "torch.nn accepted this call (the case is not invalid)"
-    our_exc = _raised(our_fn)
+    our_exc = raised(our_fn)
     assert our_exc is not None, (
         f"rnnext accepted a call torch.nn rejects with {type(ref_exc).__name__}: {ref_exc}")
     assert isinstance(our_exc, type(ref_exc)), (
@@ -83,14 +72,9 @@ def hout(kind: str) -> int:
 
 def seq_pair(kind: str, dtype=F32, **kwargs):
     """A torch.nn module (I -> H, L layers) and its rnnext twin with the same weights."""
-    torch.manual_seed(0)
-    if kind.startswith("RNN_"):
-        ref = nn.RNN(I, H, L, nonlinearity=kind[4:].lower(), dtype=dtype, **kwargs)
-    elif kind == "GRU":
-        ref = nn.GRU(I, H, L, dtype=dtype, **kwargs)
-    else:
-        ref = nn.LSTM(I, H, L, proj_size=P if kind == "LSTM_PROJ" else 0, dtype=dtype, **kwargs)
-    return ref, rnnext.from_torch(ref)
+    if kind == "LSTM_PROJ":
+        kind, kwargs = "LSTM", dict(kwargs, proj_size=P)
+    return make_pair(kind, I, H, dtype=dtype, via="from_torch", num_layers=L, **kwargs)
 
 
 def state(kind: str, layers: int = L, batch: int = B, h: Optional[int] = None, c: int = H,
@@ -219,7 +203,7 @@ def test_argument_type_error_is_caught_as_attribute_and_type_error():
     """The exception class that stands in for torch.nn's incidental AttributeErrors."""
     assert issubclass(ArgumentTypeError, AttributeError) and issubclass(ArgumentTypeError, TypeError)
     _, ours = seq_pair("GRU")
-    exc = _raised(lambda: ours(x3(), (torch.zeros(L, B, H),)))
+    exc = raised(lambda: ours(x3(), (torch.zeros(L, B, H),)))
     assert isinstance(exc, ArgumentTypeError)
     with pytest.raises(AttributeError):
         ours(x3(), (torch.zeros(L, B, H),))
@@ -229,12 +213,7 @@ def test_argument_type_error_is_caught_as_attribute_and_type_error():
 
 # ============================================================================ cells
 def cell_pair(kind: str, dtype=F32, **kwargs):
-    torch.manual_seed(0)
-    if kind.startswith("RNNCell"):
-        ref = nn.RNNCell(I, H, nonlinearity=kind.split("_")[1], dtype=dtype, **kwargs)
-    else:
-        ref = getattr(nn, kind)(I, H, dtype=dtype, **kwargs)
-    return ref, rnnext.from_torch(ref)
+    return make_pair(kind, I, H, dtype=dtype, via="from_torch", **kwargs)
 
 
 def cell_state(kind: str, batch: Optional[int] = B, h: int = H, c: int = H, dtype=F32, c_dtype=None):
@@ -543,7 +522,7 @@ def _assert_nonfinite_match(ref_out, our_out):
     for r, o in zip(_flat(ref_out), _flat(our_out)):
         assert torch.equal(r.isnan(), o.isnan()), "NaN masks differ"
         assert torch.equal(r.isinf(), o.isinf()), "inf masks differ"
-        torch.testing.assert_close(o, r, atol=1e-12, rtol=1e-10, equal_nan=True)
+        torch.testing.assert_close(o, r, **tolerance(o.device, o.dtype), equal_nan=True)
 
 
 @pytest.mark.parametrize("kind", SEQ_KINDS)
@@ -597,9 +576,7 @@ def _run_with_grads(module, x, hx):
             hx.detach().requires_grad_(True)
         leaves = list(hx) if isinstance(hx, tuple) else [hx]
     outs = _flat(module(x, hx))
-    g = torch.Generator().manual_seed(99)
-    loss = sum((o * torch.randn(o.shape, generator=g, dtype=o.dtype)).sum() for o in outs)
-    loss.backward()
+    weighted_loss(outs, seed=99).backward()
     return outs + [x.grad] + [t.grad for t in leaves] + [p.grad for p in module.parameters()]
 
 
@@ -620,7 +597,7 @@ def test_noncontiguous_inputs_states_and_weights_match_torch(kind):
     got = _run_with_grads(ours, x, hx)
     assert len(got) == len(expected)
     for e, o in zip(expected, got):
-        torch.testing.assert_close(o, e, atol=1e-12, rtol=1e-10)
+        torch.testing.assert_close(o, e, **tolerance(o.device, o.dtype))
 
 
 @pytest.mark.parametrize("kind", CELL_KINDS)
@@ -634,7 +611,7 @@ def test_cell_noncontiguous_inputs_states_and_weights_match_torch(kind):
     expected = _run_with_grads(ref, x, hx)
     got = _run_with_grads(ours, x, hx)
     for e, o in zip(expected, got):
-        torch.testing.assert_close(o, e, atol=1e-12, rtol=1e-10)
+        torch.testing.assert_close(o, e, **tolerance(o.device, o.dtype))
 
 
 @pytest.mark.parametrize("kind", ("GRU", "LSTM"))
@@ -646,7 +623,7 @@ def test_expanded_state_and_input_match_torch(kind):
     hx = (h, torch.randn(1, 1, H, dtype=F64).expand(L, B, H)) if kind == "LSTM" else h
     before = [t.clone() for t in _flat(hx)]
     for e, o in zip(_flat(ref(x, hx)), _flat(ours(x, hx))):
-        torch.testing.assert_close(o, e, atol=1e-12, rtol=1e-10)
+        torch.testing.assert_close(o, e, **tolerance(o.device, o.dtype))
     assert all(torch.equal(a, b) for a, b in zip(before, _flat(hx)))
 
 
@@ -910,7 +887,8 @@ print("survived", flush=True)
 def test_no_invalid_call_crashes_the_process():
     script = _SUBPROCESS_SCRIPT.format(path=str(Path(__file__).resolve()))
     env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO_ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), str(TESTS_DIR)]) + (
+        os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     proc = subprocess.run([sys.executable, "-c", script], cwd=str(REPO_ROOT), env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, (

@@ -1,6 +1,8 @@
 """The layer ops called directly through torch.ops.rnnext: finite-difference gradient checks
 (torch.autograd.gradcheck, float64) and torch.library.opcheck (schema, fake kernels,
-autograd registration, AOT dispatch) for every forward and backward op."""
+autograd registration, AOT dispatch) for every forward and backward op, on the CPU and on
+CUDA. Arguments: helpers.op_args (tiny sizes: gradcheck perturbs every input element one at
+a time)."""
 from __future__ import annotations
 
 import itertools
@@ -11,38 +13,9 @@ from torch.autograd import gradcheck, gradgradcheck
 from torch.profiler import ProfilerActivity, profile
 
 import rnnext  # noqa: F401  (registers the ops)
+from helpers import OP_CELLS, backward_args, backward_op, forward_op, op_args
 
-GATES = {"rnn_tanh": 1, "rnn_relu": 1, "gru": 3, "lstm": 4}
-OPS = tuple(GATES)
-# Tiny sizes: gradcheck perturbs every input element one at a time.
-T, B, I, H, P = 3, 2, 3, 4, 2
-
-
-def forward_op(cell):
-    return getattr(torch.ops.rnnext, f"{cell}_layer_forward").default
-
-
-def backward_op(cell):
-    return getattr(torch.ops.rnnext, f"{cell}_layer_backward").default
-
-
-def op_args(cell, *, bias, reverse, proj=False, requires_grad=True, seed=0):
-    """Forward-op arguments in schema order; values O(0.5) so no activation saturates."""
-    g = torch.Generator().manual_seed(seed)
-
-    def r(*shape):
-        return (0.5 * torch.randn(*shape, generator=g, dtype=torch.float64)).requires_grad_(requires_grad)
-
-    hout = P if proj else H
-    gh = GATES[cell] * H
-    x, h0 = r(T, B, I), r(B, hout)
-    w_ih, w_hh = r(gh, I), r(gh, hout)
-    b_ih, b_hh = (r(gh), r(gh)) if bias else (None, None)
-    if cell == "lstm":
-        c0 = r(B, H)
-        w_hr = r(P, H) if proj else None
-        return (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, None, reverse)
-    return (x, h0, w_ih, w_hh, b_ih, b_hh, None, reverse)
+OPS = OP_CELLS
 
 
 def differentiable_outputs(cell):
@@ -68,20 +41,21 @@ CASES = list(_cases())
 
 
 @pytest.mark.parametrize("cell,bias,reverse,proj", CASES)
-def test_gradcheck_forward_op(cell, bias, reverse, proj):
-    args = op_args(cell, bias=bias, reverse=reverse, proj=proj)
+def test_gradcheck_forward_op(cell, bias, reverse, proj, device):
+    args = op_args(cell, bias=bias, reverse=reverse, proj=proj, device=device)
     tensors = [a for a in args if isinstance(a, torch.Tensor)]
     # Every tensor input (x, h0, c0, all weights) takes part in the check.
     expected = 4 + (2 if bias else 0) + (1 if cell == "lstm" else 0) + (1 if proj else 0)
     assert len(tensors) == expected and all(t.requires_grad for t in tensors)
+    assert all(t.device.type == torch.device(device).type for t in tensors)
     assert gradcheck(differentiable_outputs(cell), args, eps=1e-6, atol=1e-8, rtol=1e-6)
 
 
 @pytest.mark.parametrize("cell,bias,reverse,proj", CASES)
-def test_gradcheck_uses_the_backward_op(cell, bias, reverse, proj):
+def test_gradcheck_uses_the_backward_op(cell, bias, reverse, proj, device):
     """First-order gradients come from the C++ backward op (not the torch-op fallback used
     for create_graph=True), so the gradcheck above does check the hand-written BPTT."""
-    args = op_args(cell, bias=bias, reverse=reverse, proj=proj)
+    args = op_args(cell, bias=bias, reverse=reverse, proj=proj, device=device)
     outs = differentiable_outputs(cell)(*args)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         torch.autograd.grad(sum(o.sum() for o in outs), [a for a in args if isinstance(a, torch.Tensor)])
@@ -90,24 +64,24 @@ def test_gradcheck_uses_the_backward_op(cell, bias, reverse, proj):
 
 
 @pytest.mark.parametrize("cell", OPS)
-def test_gradcheck_wrt_subset_of_inputs(cell):
+def test_gradcheck_wrt_subset_of_inputs(cell, device):
     """Only some inputs require grad (the others' gradients must simply be skipped)."""
-    args = list(op_args(cell, bias=True, reverse=True, proj=cell == "lstm", requires_grad=False))
+    args = list(op_args(cell, bias=True, reverse=True, proj=cell == "lstm", requires_grad=False, device=device))
     args[0].requires_grad_(True)  # x
     args[3 if cell == "lstm" else 2].requires_grad_(True)  # w_ih
     assert gradcheck(differentiable_outputs(cell), tuple(args), eps=1e-6, atol=1e-8, rtol=1e-6)
 
 
 @pytest.mark.parametrize("cell", OPS)
-def test_gradgradcheck_forward_op(cell):
+def test_gradgradcheck_forward_op(cell, device):
     """Second order (create_graph=True) through the op's autograd formula."""
-    args = op_args(cell, bias=True, reverse=True, proj=cell == "lstm")
+    args = op_args(cell, bias=True, reverse=True, proj=cell == "lstm", device=device)
     assert gradgradcheck(differentiable_outputs(cell), args, eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
 @pytest.mark.parametrize("cell", OPS)
-def test_workspace_is_not_differentiable(cell):
-    args = op_args(cell, bias=True, reverse=False)
+def test_workspace_is_not_differentiable(cell, device):
+    args = op_args(cell, bias=True, reverse=False, device=device)
     outs = forward_op(cell)(*args)
     assert all(o.requires_grad for o in outs[:-1])
     assert not outs[-1].requires_grad
@@ -123,8 +97,8 @@ FAST_UTILS = ("test_schema", "test_autograd_registration", "test_faketensor")
 
 
 @pytest.mark.parametrize("cell,bias,reverse,proj", CASES)
-def test_opcheck_forward_fast(cell, bias, reverse, proj):
-    args = op_args(cell, bias=bias, reverse=reverse, proj=proj)
+def test_opcheck_forward_fast(cell, bias, reverse, proj, device):
+    args = op_args(cell, bias=bias, reverse=reverse, proj=proj, device=device)
     _opcheck_ok(torch.library.opcheck(forward_op(cell), args, test_utils=FAST_UTILS))
 
 
@@ -134,47 +108,30 @@ AOT_CASES = [c for c in CASES if c.values[2] and (c.values[1] or c.values[3])]
 
 
 @pytest.mark.parametrize("cell,bias,reverse,proj", AOT_CASES)
-def test_opcheck_forward_aot_dispatch(cell, bias, reverse, proj):
-    args = op_args(cell, bias=bias, reverse=reverse, proj=proj)
+def test_opcheck_forward_aot_dispatch(cell, bias, reverse, proj, device):
+    args = op_args(cell, bias=bias, reverse=reverse, proj=proj, device=device)
     _opcheck_ok(torch.library.opcheck(forward_op(cell), args, test_utils="test_aot_dispatch_dynamic"))
-
-
-def backward_args(cell, *, bias, reverse, proj):
-    fwd = op_args(cell, bias=bias, reverse=reverse, proj=proj, requires_grad=False)
-    outs = forward_op(cell)(*fwd)
-    g = torch.Generator().manual_seed(5)
-
-    def r(t):
-        return torch.randn(t.shape, generator=g, dtype=t.dtype)
-
-    if cell == "lstm":
-        x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, rev = fwd
-        y, h_n, c_n, ws = outs
-        return (r(y), r(h_n), r(c_n), x, w_ih, w_hh, w_hr, batch_sizes, rev, bias, y, ws, h0, c0)
-    x, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, rev = fwd
-    y, h_n, ws = outs
-    return (r(y), r(h_n), x, w_ih, w_hh, batch_sizes, rev, bias, y, ws, h0)
 
 
 # The backward ops have no autograd formula of their own (they are not differentiated:
 # double backward takes the torch-op path), so test_autograd_registration is left out.
 @pytest.mark.parametrize("cell,bias,reverse,proj", CASES)
-def test_opcheck_backward_fast(cell, bias, reverse, proj):
-    args = backward_args(cell, bias=bias, reverse=reverse, proj=proj)
+def test_opcheck_backward_fast(cell, bias, reverse, proj, device):
+    args = backward_args(cell, bias=bias, reverse=reverse, proj=proj, device=device)
     _opcheck_ok(torch.library.opcheck(backward_op(cell), args, test_utils=("test_schema", "test_faketensor")))
 
 
 @pytest.mark.parametrize("cell,bias,reverse,proj", AOT_CASES)
-def test_opcheck_backward_aot_dispatch(cell, bias, reverse, proj):
-    args = backward_args(cell, bias=bias, reverse=reverse, proj=proj)
+def test_opcheck_backward_aot_dispatch(cell, bias, reverse, proj, device):
+    args = backward_args(cell, bias=bias, reverse=reverse, proj=proj, device=device)
     _opcheck_ok(torch.library.opcheck(backward_op(cell), args, test_utils="test_aot_dispatch_dynamic"))
 
 
 @pytest.mark.parametrize("cell,bias,reverse,proj", CASES)
-def test_backward_op_output_shapes(cell, bias, reverse, proj):
+def test_backward_op_output_shapes(cell, bias, reverse, proj, device):
     """Gradients come back with their input's shape; a missing bias/projection gets [0]."""
-    fwd = op_args(cell, bias=bias, reverse=reverse, proj=proj, requires_grad=False)
-    grads = backward_op(cell)(*backward_args(cell, bias=bias, reverse=reverse, proj=proj))
+    fwd = op_args(cell, bias=bias, reverse=reverse, proj=proj, requires_grad=False, device=device)
+    grads = backward_op(cell)(*backward_args(cell, bias=bias, reverse=reverse, proj=proj, device=device))
     if cell == "lstm":
         x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr = fwd[:8]
         expected = [x.shape, h0.shape, c0.shape, w_ih.shape, w_hh.shape,
@@ -186,6 +143,7 @@ def test_backward_op_output_shapes(cell, bias, reverse, proj):
                     b_ih.shape if bias else (0,), b_hh.shape if bias else (0,)]
     assert [tuple(g.shape) for g in grads] == [tuple(s) for s in expected]
     assert all(torch.isfinite(g).all() for g in grads)
+    assert all(g.device == fwd[0].device and g.dtype == fwd[0].dtype for g in grads)
 
 
 # need_grad_x / need_grad_weights: a gradient not asked for comes back as [0] and its GEMM is
@@ -201,9 +159,9 @@ def _mask_id(case):
 
 
 @pytest.mark.parametrize("case", MASK_CASES, ids=[_mask_id(c) for c in MASK_CASES])
-def test_backward_op_skips_gradients_not_asked_for(case):
+def test_backward_op_skips_gradients_not_asked_for(case, device):
     (cell, bias, reverse, proj), (need_x, need_w) = case
-    args = backward_args(cell, bias=bias, reverse=reverse, proj=proj)
+    args = backward_args(cell, bias=bias, reverse=reverse, proj=proj, device=device)
     full = backward_op(cell)(*args)
     masked = backward_op(cell)(*args, need_x, need_w)
     # Positions of grad_x, the state gradients, and the weight/bias gradients.

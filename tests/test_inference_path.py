@@ -1,65 +1,51 @@
 """The forward ops' need_backward=False path (what the modules use under no_grad/inference):
-same results, an empty workspace, and a clear error if a gradient is asked of it anyway."""
+same results, an empty workspace, and a clear error if a gradient is asked of it anyway. On
+the CPU and on CUDA."""
 import pytest
 import torch
 
 import rnnext  # noqa: F401  (registers the ops)
+from helpers import F32, OP_CELLS, forward_op, op_args
 
-GATES = {"rnn_tanh": 1, "rnn_relu": 1, "gru": 3, "lstm": 4}
-
-
-def _args(cell, proj, packed, dtype=torch.float32):
-    g = torch.Generator().manual_seed(0)
-    T, B, I, H = 6, 4, 5, 7
-    Hout = 3 if proj else H
-    G = GATES[cell]
-    r = lambda *s: torch.randn(*s, generator=g, dtype=dtype)  # noqa: E731
-    if packed:
-        batch_sizes = torch.tensor([4, 4, 3, 2, 2, 1])
-        x = r(int(batch_sizes.sum()), I)
-    else:
-        batch_sizes = None
-        x = r(T, B, I)
-    args = dict(x=x, h0=r(B, Hout), c0=r(B, H), w_ih=r(G * H, I), w_hh=r(G * H, Hout), b_ih=r(G * H),
-                b_hh=r(G * H), w_hr=r(Hout, H) if proj else None, batch_sizes=batch_sizes)
-    return args
+# T, B, I, H = 6, 4, 5, 7 (projection 3); packed: the batch shrinks 4, 4, 3, 2, 2, 1.
+SIZES = dict(steps=6, batch=4, input_size=5, hidden_size=7, proj_size=3, scale=1.0)
+BATCH_SIZES = [4, 4, 3, 2, 2, 1]
 
 
-def _call(cell, a, reverse, need_backward):
-    op = getattr(torch.ops.rnnext, f"{cell}_layer_forward")
-    if cell == "lstm":
-        return op(a["x"], a["h0"], a["c0"], a["w_ih"], a["w_hh"], a["b_ih"], a["b_hh"], a["w_hr"],
-                  a["batch_sizes"], reverse, need_backward)
-    return op(a["x"], a["h0"], a["w_ih"], a["w_hh"], a["b_ih"], a["b_hh"], a["batch_sizes"], reverse,
-              need_backward)
+def _args(cell, proj, packed, device, reverse=False):
+    return op_args(cell, proj=proj, reverse=reverse, requires_grad=False, dtype=F32, device=device,
+                   batch_sizes=BATCH_SIZES if packed else None, **SIZES)
 
 
-CASES = [(c, p, k) for c in GATES for p in ((False, True) if c == "lstm" else (False,)) for k in (False, True)]
+CASES = [(c, p, k) for c in OP_CELLS for p in ((False, True) if c == "lstm" else (False,)) for k in (False, True)]
 
 
 @pytest.mark.parametrize("cell,proj,packed", CASES)
 @pytest.mark.parametrize("reverse", [False, True])
-def test_inference_equals_training_forward(cell, proj, packed, reverse):
-    a = _args(cell, proj, packed)
-    train = _call(cell, a, reverse, True)
-    infer = _call(cell, a, reverse, False)
+def test_inference_equals_training_forward(cell, proj, packed, reverse, device):
+    args = _args(cell, proj, packed, device, reverse)
+    train = forward_op(cell)(*args, True)
+    infer = forward_op(cell)(*args, False)
     for t, i in zip(train[:-1], infer[:-1]):
+        assert t.device == args[0].device
         assert torch.equal(t, i)  # same kernels and order: bit-identical
-    assert train[-1].shape[0] == a["x"].reshape(-1, a["x"].shape[-1]).shape[0]
+    x = args[0]
+    assert train[-1].shape[0] == x.reshape(-1, x.shape[-1]).shape[0]
     assert infer[-1].shape == (0, train[-1].shape[1])
 
 
-def test_gradient_of_inference_call_raises():
-    a = _args("gru", False, False)
-    a["x"].requires_grad_()
-    y, h_n, _ = _call("gru", a, False, False)
+def test_gradient_of_inference_call_raises(device):
+    args = list(_args("gru", False, False, device))
+    args[0].requires_grad_()
+    y, h_n, _ = forward_op("gru")(*args, False)
     with pytest.raises(RuntimeError, match="need_backward=False"):
         y.sum().backward()
 
 
-def test_module_no_grad_equals_grad_forward():
-    gru = rnnext.GRU(5, 7, num_layers=2, bidirectional=True)
-    x = torch.randn(6, 4, 5)
+def test_module_no_grad_equals_grad_forward(device):
+    torch.manual_seed(0)
+    gru = rnnext.GRU(5, 7, num_layers=2, bidirectional=True, device=device)
+    x = torch.randn(6, 4, 5).to(device)
     with torch.no_grad():
         y0, h0 = gru(x)
     y1, h1 = gru(x)
@@ -68,12 +54,12 @@ def test_module_no_grad_equals_grad_forward():
 
 
 @pytest.mark.parametrize("mode", ["RNN", "GRU", "LSTM"])
-def test_default_initial_state_is_not_saved_as_a_block(mode):
+def test_default_initial_state_is_not_saved_as_a_block(mode, device):
     """Without hx the module's zero state is one expanded zero, so autograd keeps no
     [layers * dirs, B, H] block for it (the state a training step saves for backward)."""
     T, B, I, H = 3, 7, 3, 5  # no saved tensor but a state has B * H or 4 * B * H elements
-    m = getattr(rnnext, mode)(I, H, num_layers=2, bidirectional=True)
-    x = torch.randn(T, B, I, requires_grad=True)
+    m = getattr(rnnext, mode)(I, H, num_layers=2, bidirectional=True, device=device)
+    x = torch.randn(T, B, I).to(device).requires_grad_()
     sizes = []
 
     def pack(t):
@@ -86,8 +72,8 @@ def test_default_initial_state_is_not_saved_as_a_block(mode):
     assert sizes, "nothing was saved for backward"
     assert one_state not in sizes and all_states not in sizes, sizes
     # The gradients are those of a materialised zero state.
-    ref = getattr(rnnext, mode)(I, H, num_layers=2, bidirectional=True)
+    ref = getattr(rnnext, mode)(I, H, num_layers=2, bidirectional=True, device=device)
     ref.load_state_dict(m.state_dict())
-    zeros = torch.zeros(4, B, H)
+    zeros = torch.zeros(4, B, H, device=device)
     y_ref, _ = ref(x, (zeros, zeros.clone()) if mode == "LSTM" else zeros)
     torch.testing.assert_close(y, y_ref, rtol=0, atol=0)

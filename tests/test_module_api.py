@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import rnnext
-from helpers import CELLS, TOL, make_inputs, make_pair, module_classes
+from helpers import CELLS, F64, make_inputs, make_pair, raised, tolerance, weighted_loss
 
 API_CONFIGS = [
     pytest.param(cell, dict(num_layers=nl, bias=bias, bidirectional=bi, batch_first=bf),
@@ -31,11 +31,9 @@ API_CONFIGS = [
 
 
 def build(cell, kwargs, input_size=3, hidden_size=5, dtype=torch.float32):
-    ref_cls, our_cls, extra = module_classes(cell)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return (ref_cls(input_size, hidden_size, dtype=dtype, **extra, **kwargs),
-                our_cls(input_size, hidden_size, dtype=dtype, **extra, **kwargs))
+        return make_pair(cell, input_size, hidden_size, dtype=dtype, **kwargs)
 
 
 @pytest.mark.parametrize("cell,kwargs", API_CONFIGS)
@@ -115,22 +113,23 @@ def test_positional_arguments_as_torch():
 
 
 @pytest.mark.parametrize("cls", [rnnext.RNN, rnnext.LSTM, rnnext.GRU])
-def test_device_and_dtype_factory_kwargs(cls):
-    m = cls(3, 4, num_layers=2, device="cpu", dtype=torch.float64)
-    assert all(p.dtype == torch.float64 and p.device.type == "cpu" for p in m.parameters())
+def test_device_and_dtype_factory_kwargs(cls, device):
+    m = cls(3, 4, num_layers=2, device=device, dtype=torch.float64)
+    assert all(p.dtype == torch.float64 and p.device.type == device for p in m.parameters())
 
 
 @pytest.mark.parametrize("cell", CELLS)
-def test_deepcopy_and_state_dict_round_trip(cell, tmp_path):
-    ref, ours = make_pair(cell, num_layers=2, bidirectional=True)
+def test_deepcopy_and_state_dict_round_trip(cell, tmp_path, device):
+    ref, ours = make_pair(cell, num_layers=2, bidirectional=True, device=device)
     x, hx = make_inputs(ref, with_hx=True)
     clone = copy.deepcopy(ours)
-    torch.testing.assert_close(clone(x, hx)[0], ref(x, hx)[0], **TOL[torch.float64])
+    assert clone.weight_ih_l0.device == ours.weight_ih_l0.device
+    torch.testing.assert_close(clone(x, hx)[0], ref(x, hx)[0], **tolerance(device, F64))
     path = tmp_path / "sd.pt"
     torch.save(ours.state_dict(), path)
-    _, fresh = make_pair(cell, num_layers=2, bidirectional=True, seed=99)
+    _, fresh = make_pair(cell, num_layers=2, bidirectional=True, seed=99, device=device)
     fresh.load_state_dict(torch.load(path))
-    torch.testing.assert_close(fresh(x, hx)[0], ref(x, hx)[0], **TOL[torch.float64])
+    torch.testing.assert_close(fresh(x, hx)[0], ref(x, hx)[0], **tolerance(device, F64))
 
 
 # ---------------------------------------------------------------- constructor errors
@@ -166,13 +165,9 @@ CTOR_ERRORS = [
 
 
 def _raise_info(fn):
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            fn()
-    except Exception as e:  # noqa: BLE001 - the exception itself is what is compared
-        return type(e), str(e)
-    return None, None
+    """(type, message) of the exception fn raises, or (None, None)."""
+    exc = raised(fn)
+    return (None, None) if exc is None else (type(exc), str(exc))
 
 
 @pytest.mark.parametrize("name,args,kwargs", CTOR_ERRORS,
@@ -193,8 +188,7 @@ def test_non_int_num_layers_is_a_type_error():
 
 # ---------------------------------------------------------------- forward input errors
 def _pair(name, **kw):
-    torch.manual_seed(0)
-    return getattr(nn, name)(4, 5, **kw), getattr(rnnext, name)(4, 5, **kw)
+    return make_pair(name, 4, 5, dtype=torch.float32, **kw)
 
 
 FORWARD_ERRORS = [
@@ -280,22 +274,21 @@ class _BackwardOpFlags(TorchDispatchMode):
 # and frozen weights, skip their GEMMs. What is asked for still matches torch.nn.
 @pytest.mark.parametrize("kind", ["RNN", "GRU", "LSTM"])
 @pytest.mark.parametrize("frozen", [False, True], ids=["trained", "frozen"])
-def test_gradients_only_where_asked(kind, frozen):
-    torch.manual_seed(0)
-    ref = getattr(torch.nn, kind)(5, 7, num_layers=2, bidirectional=True, dtype=torch.float64)
-    ours = getattr(rnnext, kind).from_torch(ref)
+def test_gradients_only_where_asked(kind, frozen, device):
+    ref, ours = make_pair(kind, 5, 7, dtype=F64, via="from_torch", device=device, num_layers=2,
+                          bidirectional=True)
     for p in list(ref.parameters()) + list(ours.parameters()):
         p.requires_grad_(not frozen)
-    x = torch.randn(4, 3, 5, dtype=torch.float64, requires_grad=frozen)  # data, unless frozen
-    h0 = torch.randn(4, 3, 7, dtype=torch.float64, requires_grad=True)
-    hx = (h0, torch.randn(4, 3, 7, dtype=torch.float64)) if kind == "LSTM" else h0
+    x = torch.randn(4, 3, 5, dtype=F64).to(device).requires_grad_(frozen)  # data, unless frozen
+    h0 = torch.randn(4, 3, 7, dtype=F64).to(device).requires_grad_()
+    hx = (h0, torch.randn(4, 3, 7, dtype=F64).to(device)) if kind == "LSTM" else h0
     grads = []
     for m in (ref, ours):
         for t in (x, h0):
             t.grad = None
         out = m(x, hx)[0]
         with _BackwardOpFlags() as flags:
-            (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+            weighted_loss([out]).backward()
         grads.append([x.grad, h0.grad] + [p.grad for p in m.parameters()])
     # (need_grad_x, need_grad_weights) per backward call, last layer first: layer 0 (2 calls)
     # reads x, which only a frozen model differentiates; layer 1's input always needs a grad.
@@ -304,5 +297,5 @@ def test_gradients_only_where_asked(kind, frozen):
     for name, r, o in zip(["x", "h0"] + [n for n, _ in ref.named_parameters()], *grads):
         assert (r is None) == (o is None), name
         if r is not None:
-            torch.testing.assert_close(o, r, atol=1e-12, rtol=1e-10, msg=name)
+            torch.testing.assert_close(o, r, **tolerance(device, F64), msg=name)
     assert (x.grad is None) != frozen

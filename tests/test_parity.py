@@ -1,6 +1,7 @@
 """Numerical parity with torch.nn: outputs, final states and every gradient (input, initial
 states, parameters), for every cell type and module configuration, plus weight interchange
-(same-seed initialisation, state_dict, copy_parameters, from_torch)."""
+(same-seed initialisation, state_dict, copy_parameters, from_torch). Every test runs on the
+CPU and on CUDA (the `device` fixture, conftest.py), against torch.nn on the same device."""
 from __future__ import annotations
 
 import itertools
@@ -10,8 +11,8 @@ import torch
 from torch import nn
 
 import rnnext
-from helpers import (B, CELLS, H, I, T, TOL, check_parity, make_inputs, make_pair, module_classes,
-                     run, assert_results_close)
+from helpers import (B, CELLS, H, I, T, assert_results_close, check_parity, make_inputs, make_pair,
+                     module_classes, run, tolerance, torch_oracle, weighted_loss)
 
 F64, F32 = torch.float64, torch.float32
 
@@ -27,9 +28,9 @@ FULL = list(itertools.product(CELLS, (1, 2, 3), (False, True), (False, True), (F
 
 @pytest.mark.parametrize("cell,layers,bidirectional,bias,batch_first,with_hx", FULL,
                          ids=[_id(*c) for c in FULL])
-def test_batched_float64(cell, layers, bidirectional, bias, batch_first, with_hx):
+def test_batched_float64(cell, layers, bidirectional, bias, batch_first, with_hx, device):
     ref, ours = make_pair(cell, dtype=F64, num_layers=layers, bidirectional=bidirectional, bias=bias,
-                          batch_first=batch_first)
+                          batch_first=batch_first, device=device)
     x, hx = make_inputs(ref, with_hx=with_hx)
     check_parity(ref, ours, x, hx)
 
@@ -40,9 +41,9 @@ UNBATCHED = list(itertools.product(CELLS, (1, 2), (False, True), (False, True), 
 
 @pytest.mark.parametrize("cell,layers,bidirectional,batch_first,with_hx", UNBATCHED,
                          ids=[_id(c, l, bi, True, bf, hx) for c, l, bi, bf, hx in UNBATCHED])
-def test_unbatched_float64(cell, layers, bidirectional, batch_first, with_hx):
+def test_unbatched_float64(cell, layers, bidirectional, batch_first, with_hx, device):
     ref, ours = make_pair(cell, dtype=F64, num_layers=layers, bidirectional=bidirectional,
-                          batch_first=batch_first)
+                          batch_first=batch_first, device=device)
     x, hx = make_inputs(ref, batched=False, with_hx=with_hx)
     assert x.dim() == 2
     errors = check_parity(ref, ours, x, hx)
@@ -51,7 +52,7 @@ def test_unbatched_float64(cell, layers, bidirectional, batch_first, with_hx):
     assert out[0].shape == (T, (2 if bidirectional else 1) * H)
     h_n = out[1][0] if cell == "LSTM" else out[1]
     assert h_n.shape == (layers * (2 if bidirectional else 1), H)
-    assert errors["out"] <= TOL[F64]["atol"]
+    assert errors["out"] <= tolerance(device, F64)["atol"]
 
 
 # ---------------------------------------------------------------- LSTM with projections
@@ -60,9 +61,9 @@ PROJ = list(itertools.product((1, 3), (1, 2, 3), (False, True), (False, True), (
 
 @pytest.mark.parametrize("proj_size,layers,bidirectional,bias,batch_first,with_hx", PROJ,
                          ids=[f"P{p}-" + _id("LSTM", l, bi, b, bf, hx) for p, l, bi, b, bf, hx in PROJ])
-def test_lstm_proj_float64(proj_size, layers, bidirectional, bias, batch_first, with_hx):
+def test_lstm_proj_float64(proj_size, layers, bidirectional, bias, batch_first, with_hx, device):
     ref, ours = make_pair("LSTM", dtype=F64, num_layers=layers, bidirectional=bidirectional, bias=bias,
-                          batch_first=batch_first, proj_size=proj_size)
+                          batch_first=batch_first, proj_size=proj_size, device=device)
     x, hx = make_inputs(ref, with_hx=with_hx)
     check_parity(ref, ours, x, hx)
     out, (h_n, c_n) = ours(x, hx)
@@ -72,8 +73,9 @@ def test_lstm_proj_float64(proj_size, layers, bidirectional, bias, batch_first, 
 
 @pytest.mark.parametrize("with_hx", [False, True])
 @pytest.mark.parametrize("bidirectional", [False, True])
-def test_lstm_proj_unbatched_float64(bidirectional, with_hx):
-    ref, ours = make_pair("LSTM", dtype=F64, num_layers=2, bidirectional=bidirectional, proj_size=2)
+def test_lstm_proj_unbatched_float64(bidirectional, with_hx, device):
+    ref, ours = make_pair("LSTM", dtype=F64, num_layers=2, bidirectional=bidirectional, proj_size=2,
+                          device=device)
     x, hx = make_inputs(ref, batched=False, with_hx=with_hx)
     check_parity(ref, ours, x, hx)
 
@@ -95,8 +97,8 @@ F32_CONFIGS = [
                          ids=[f"{c}-{'-'.join(f'{k}={v}' for k, v in kw.items())}-"
                               f"{'batched' if b else 'unbatched'}-{'hx' if h else 'nohx'}"
                               for c, kw, b, h in F32_CONFIGS])
-def test_float32(cell, kwargs, batched, with_hx):
-    ref, ours = make_pair(cell, dtype=F32, **kwargs)
+def test_float32(cell, kwargs, batched, with_hx, device):
+    ref, ours = make_pair(cell, dtype=F32, device=device, **kwargs)
     x, hx = make_inputs(ref, batched=batched, with_hx=with_hx)
     check_parity(ref, ours, x, hx)
     assert ours(x, hx)[0].dtype == F32
@@ -107,39 +109,40 @@ def test_float32(cell, kwargs, batched, with_hx):
 @pytest.mark.parametrize("seq_len,batch,input_size,hidden_size",
                          [(1, 1, 4, 5), (5, 3, 1, 1), (7, 1, 2, 3), (1, 6, 3, 2)],
                          ids=["T1-B1", "I1-H1", "B1", "T1"])
-def test_edge_sizes(cell, seq_len, batch, input_size, hidden_size):
-    ref, ours = make_pair(cell, input_size, hidden_size, num_layers=2, bidirectional=True)
+def test_edge_sizes(cell, seq_len, batch, input_size, hidden_size, device):
+    ref, ours = make_pair(cell, input_size, hidden_size, num_layers=2, bidirectional=True, device=device)
     x, hx = make_inputs(ref, with_hx=True, seq_len=seq_len, batch=batch)
     check_parity(ref, ours, x, hx)
 
 
 @pytest.mark.parametrize("cell", CELLS)
-def test_large_batch_multithreaded_rows(cell):
+def test_large_batch_multithreaded_rows(cell, device):
     """Enough rows per step (B=600 with 4*64 gate columns) for the pointwise passes to be
-    split across threads by at::parallel_for."""
-    ref, ours = make_pair(cell, 8, 64, num_layers=2, bidirectional=True)
+    split across threads by at::parallel_for (on CUDA: across many thread blocks)."""
+    ref, ours = make_pair(cell, 8, 64, num_layers=2, bidirectional=True, device=device)
     x, hx = make_inputs(ref, with_hx=True, seq_len=3, batch=600)
     check_parity(ref, ours, x, hx)
 
 
-def test_large_batch_lstm_proj():
-    ref, ours = make_pair("LSTM", 8, 64, num_layers=2, bidirectional=True, proj_size=7)
+def test_large_batch_lstm_proj(device):
+    ref, ours = make_pair("LSTM", 8, 64, num_layers=2, bidirectional=True, proj_size=7, device=device)
     x, hx = make_inputs(ref, with_hx=True, seq_len=3, batch=600)
     check_parity(ref, ours, x, hx)
 
 
 @pytest.mark.parametrize("cell", CELLS)
-def test_zero_batch(cell):
-    ref, ours = make_pair(cell, num_layers=2)
-    x = torch.zeros(T, 0, I, dtype=F64)
+def test_zero_batch(cell, device):
+    ref, ours = make_pair(cell, num_layers=2, device=device)
+    x = torch.zeros(T, 0, I, dtype=F64, device=device)
     expected, got = ref(x), ours(x)
     assert got[0].shape == expected[0].shape == (T, 0, H)
+    assert got[0].device == expected[0].device
 
 
 @pytest.mark.parametrize("cell", CELLS)
-def test_grad_through_final_state_only(cell):
+def test_grad_through_final_state_only(cell, device):
     """Only h_n enters the loss (the output's gradient is None inside the ops)."""
-    ref, ours = make_pair(cell, num_layers=2, bidirectional=True)
+    ref, ours = make_pair(cell, num_layers=2, bidirectional=True, device=device)
     x, hx = make_inputs(ref, with_hx=True)
     grads = []
     for m in (ref, ours):
@@ -147,49 +150,50 @@ def test_grad_through_final_state_only(cell):
         xx = x.clone().requires_grad_(True)
         _, state = m(xx, hx)
         h_n = state[0] if cell == "LSTM" else state
-        w = torch.randn(h_n.shape, generator=torch.Generator().manual_seed(3), dtype=F64)
-        (h_n * w).sum().backward()
+        weighted_loss([h_n], seed=3).backward()
         grads.append([xx.grad] + [p.grad for p in m.parameters()])
     for expected, got in zip(*grads):
-        torch.testing.assert_close(got, expected, **TOL[F64])
+        torch.testing.assert_close(got, expected, **tolerance(device, F64))
 
 
 @pytest.mark.parametrize("cell", CELLS)
-def test_grad_of_parameters_only(cell):
+def test_grad_of_parameters_only(cell, device):
     """Neither x nor hx requires grad: only parameter gradients are produced."""
-    ref, ours = make_pair(cell, num_layers=2)
+    ref, ours = make_pair(cell, num_layers=2, device=device)
     x, hx = make_inputs(ref, with_hx=True)
     grads = []
     for m in (ref, ours):
         m.zero_grad(set_to_none=True)
         out = m(x, hx)[0]
-        (out * torch.randn(out.shape, generator=torch.Generator().manual_seed(4), dtype=F64)).sum().backward()
+        weighted_loss([out], seed=4).backward()
         grads.append([p.grad for p in m.parameters()])
     assert all(g is not None for g in grads[1])
     for expected, got in zip(*grads):
-        torch.testing.assert_close(got, expected, **TOL[F64])
+        torch.testing.assert_close(got, expected, **tolerance(device, F64))
 
 
 @pytest.mark.parametrize("cell", CELLS)
-def test_double_backward(cell):
-    """create_graph=True: a gradient of a gradient (e.g. a gradient penalty) matches torch.nn."""
-    ref, ours = make_pair(cell, num_layers=2, bidirectional=True)
+def test_double_backward(cell, device):
+    """create_graph=True: a gradient of a gradient (e.g. a gradient penalty) matches torch.nn
+    (on CUDA torch.nn's native kernels: cuDNN has no double backward)."""
+    ref, ours = make_pair(cell, num_layers=2, bidirectional=True, device=device)
     x, hx = make_inputs(ref, with_hx=True)
     results = []
     for m in (ref, ours):
-        xx = x.clone().requires_grad_(True)
-        out = m(xx, hx)[0]
-        (g,) = torch.autograd.grad((out ** 2).sum(), xx, create_graph=True)
-        second = torch.autograd.grad((g ** 2).sum(), [xx, *m.parameters()])
+        with torch_oracle(m, double_backward=True):
+            xx = x.clone().requires_grad_(True)
+            out = m(xx, hx)[0]
+            (g,) = torch.autograd.grad((out ** 2).sum(), xx, create_graph=True)
+            second = torch.autograd.grad((g ** 2).sum(), [xx, *m.parameters()])
         results.append((g.detach(), *second))
     for expected, got in zip(*results):
-        torch.testing.assert_close(got, expected, **TOL[F64])
+        torch.testing.assert_close(got, expected, **tolerance(device, F64))
 
 
 @pytest.mark.parametrize("cell", CELLS)
-def test_non_contiguous_and_broadcast_inputs(cell):
+def test_non_contiguous_and_broadcast_inputs(cell, device):
     """x and hx as expanded (stride 0) views of leaves, and non-contiguous weights."""
-    ref, ours = make_pair(cell, num_layers=2, bidirectional=True, batch_first=True)
+    ref, ours = make_pair(cell, num_layers=2, bidirectional=True, batch_first=True, device=device)
     for m in (ref, ours):
         for name, p in list(m.named_parameters()):
             if p.dim() == 2:
@@ -197,35 +201,35 @@ def test_non_contiguous_and_broadcast_inputs(cell):
         assert not m.weight_ih_l0.is_contiguous()
     results = []
     for m in (ref, ours):
-        xb = torch.randn(1, 1, I, dtype=F64, generator=torch.Generator().manual_seed(0)).requires_grad_()
-        hb = torch.randn(4, 1, H, dtype=F64, generator=torch.Generator().manual_seed(1)).requires_grad_()
+        xb = torch.randn(1, 1, I, dtype=F64, generator=torch.Generator().manual_seed(0)).to(device).requires_grad_()
+        hb = torch.randn(4, 1, H, dtype=F64, generator=torch.Generator().manual_seed(1)).to(device).requires_grad_()
         x, h = xb.expand(B, T, I), hb.expand(4, B, H)
         hx = (h, 0.5 * h.transpose(0, 1).contiguous().transpose(0, 1)) if cell == "LSTM" else h
         out = m(x, hx)[0]
-        (out * torch.randn(out.shape, dtype=F64, generator=torch.Generator().manual_seed(2))).sum().backward()
+        weighted_loss([out], seed=2).backward()
         results.append((out.detach(), xb.grad, hb.grad, *[p.grad for p in m.parameters()]))
     for expected, got in zip(*results):
-        torch.testing.assert_close(got, expected, **TOL[F64])
+        torch.testing.assert_close(got, expected, **tolerance(device, F64))
 
 
 @pytest.mark.parametrize("cell", CELLS)
-def test_no_grad_and_inference_mode(cell):
-    ref, ours = make_pair(cell, num_layers=2, bidirectional=True)
+def test_no_grad_and_inference_mode(cell, device):
+    ref, ours = make_pair(cell, num_layers=2, bidirectional=True, device=device)
     x, hx = make_inputs(ref, with_hx=True)
     expected = ref(x, hx)[0]
     with torch.no_grad():
         got = ours(x, hx)[0]
     assert not got.requires_grad
-    torch.testing.assert_close(got, expected.detach(), **TOL[F64])
+    torch.testing.assert_close(got, expected.detach(), **tolerance(device, F64))
     with torch.inference_mode():
         got = ours(x, hx)[0]
-    torch.testing.assert_close(got, expected.detach(), **TOL[F64])
+    torch.testing.assert_close(got, expected.detach(), **tolerance(device, F64))
 
 
 @pytest.mark.parametrize("cell", CELLS)
-def test_repeated_calls_are_independent(cell):
+def test_repeated_calls_are_independent(cell, device):
     """A module keeps no state between calls; two backward passes accumulate like torch.nn's."""
-    ref, ours = make_pair(cell, num_layers=2)
+    ref, ours = make_pair(cell, num_layers=2, device=device)
     x, hx = make_inputs(ref, with_hx=True)
     for m in (ref, ours):
         m.zero_grad(set_to_none=True)
@@ -234,7 +238,7 @@ def test_repeated_calls_are_independent(cell):
     first = ours(x, hx)[0].detach()
     torch.testing.assert_close(ours(x, hx)[0].detach(), first, rtol=0, atol=0)
     for (name, p_ref), p_ours in zip(ref.named_parameters(), ours.parameters()):
-        torch.testing.assert_close(p_ours.grad, p_ref.grad, **TOL[F64], msg=name)
+        torch.testing.assert_close(p_ours.grad, p_ref.grad, **tolerance(device, F64), msg=name)
 
 
 # ---------------------------------------------------------------- weights interchange
@@ -250,27 +254,29 @@ INIT_IDS = [f"{c}-{'-'.join(f'{k}={v}' for k, v in kw.items()) or 'default'}" fo
 
 @pytest.mark.parametrize("dtype", [F32, F64])
 @pytest.mark.parametrize("cell,kwargs", INIT_CONFIGS, ids=INIT_IDS)
-def test_same_seed_gives_same_initial_weights(cell, kwargs, dtype):
+def test_same_seed_gives_same_initial_weights(cell, kwargs, dtype, device):
+    """Constructed on the device: the weights come from that device's generator."""
     ref_cls, our_cls, extra = module_classes(cell)
     torch.manual_seed(123)
-    ref = ref_cls(I, H, dtype=dtype, **extra, **kwargs)
+    ref = ref_cls(I, H, dtype=dtype, device=device, **extra, **kwargs)
     torch.manual_seed(123)
-    ours = our_cls(I, H, dtype=dtype, **extra, **kwargs)
-    after_ours = torch.rand(3)
+    ours = our_cls(I, H, dtype=dtype, device=device, **extra, **kwargs)
+    after_ours = torch.rand(3, device=device)
     ref_sd, our_sd = ref.state_dict(), ours.state_dict()
     assert list(our_sd) == list(ref_sd)
     for name in ref_sd:
         assert our_sd[name].dtype == dtype
+        assert our_sd[name].device == ref_sd[name].device
         assert torch.equal(our_sd[name], ref_sd[name]), name
     # Construction makes as many RNG draws as torch.nn's: the generator ends in the same state.
     torch.manual_seed(123)
-    ref_cls(I, H, dtype=dtype, **extra, **kwargs)
-    assert torch.equal(after_ours, torch.rand(3))
+    ref_cls(I, H, dtype=dtype, device=device, **extra, **kwargs)
+    assert torch.equal(after_ours, torch.rand(3, device=device))
 
 
-def test_reset_parameters_matches_torch():
+def test_reset_parameters_matches_torch(device):
     torch.manual_seed(0)
-    ref, ours = nn.GRU(I, H, num_layers=2), rnnext.GRU(I, H, num_layers=2)
+    ref, ours = nn.GRU(I, H, num_layers=2, device=device), rnnext.GRU(I, H, num_layers=2, device=device)
     torch.manual_seed(7)
     ref.reset_parameters()
     torch.manual_seed(7)
@@ -280,12 +286,12 @@ def test_reset_parameters_matches_torch():
 
 
 @pytest.mark.parametrize("cell,kwargs", INIT_CONFIGS, ids=INIT_IDS)
-def test_state_dict_loads_both_ways(cell, kwargs):
+def test_state_dict_loads_both_ways(cell, kwargs, device):
     ref_cls, our_cls, extra = module_classes(cell)
     torch.manual_seed(1)
-    ref = ref_cls(I, H, dtype=F64, **extra, **kwargs)
+    ref = ref_cls(I, H, dtype=F64, device=device, **extra, **kwargs)
     torch.manual_seed(2)
-    ours = our_cls(I, H, dtype=F64, **extra, **kwargs)
+    ours = our_cls(I, H, dtype=F64, device=device, **extra, **kwargs)
     assert not torch.equal(ours.weight_ih_l0, ref.weight_ih_l0)
 
     # torch.nn -> rnnext (strict: same keys, same shapes)
@@ -298,7 +304,7 @@ def test_state_dict_loads_both_ways(cell, kwargs):
 
     # rnnext -> torch.nn
     torch.manual_seed(3)
-    ours2 = our_cls(I, H, dtype=F64, **extra, **kwargs)
+    ours2 = our_cls(I, H, dtype=F64, device=device, **extra, **kwargs)
     result = ref.load_state_dict(ours2.state_dict(), strict=True)
     assert not result.missing_keys and not result.unexpected_keys
     for name, p in ours2.named_parameters():
@@ -307,12 +313,12 @@ def test_state_dict_loads_both_ways(cell, kwargs):
 
 
 @pytest.mark.parametrize("cell,kwargs", INIT_CONFIGS, ids=INIT_IDS)
-def test_copy_parameters_both_directions(cell, kwargs):
+def test_copy_parameters_both_directions(cell, kwargs, device):
     ref_cls, our_cls, extra = module_classes(cell)
     torch.manual_seed(1)
-    ref = ref_cls(I, H, dtype=F64, **extra, **kwargs)
+    ref = ref_cls(I, H, dtype=F64, device=device, **extra, **kwargs)
     torch.manual_seed(2)
-    ours = our_cls(I, H, dtype=F64, **extra, **kwargs)
+    ours = our_cls(I, H, dtype=F64, device=device, **extra, **kwargs)
 
     assert rnnext.copy_parameters(ref, ours) is ours
     for name, p in ref.named_parameters():
@@ -322,30 +328,30 @@ def test_copy_parameters_both_directions(cell, kwargs):
     check_parity(ref, ours, x, hx)
 
     torch.manual_seed(3)
-    ours2 = our_cls(I, H, dtype=F64, **extra, **kwargs)
+    ours2 = our_cls(I, H, dtype=F64, device=device, **extra, **kwargs)
     assert rnnext.copy_parameters(ours2, ref) is ref
     for name, p in ours2.named_parameters():
         assert torch.equal(getattr(ref, name), p), name
     check_parity(ref, ours2, x, hx)
 
 
-def test_copy_parameters_keeps_destination_dtype():
+def test_copy_parameters_keeps_destination_dtype(device):
     torch.manual_seed(0)
-    ref = nn.LSTM(I, H, num_layers=2, dtype=F64)
-    ours = rnnext.LSTM(I, H, num_layers=2, dtype=F32)
+    ref = nn.LSTM(I, H, num_layers=2, dtype=F64, device=device)
+    ours = rnnext.LSTM(I, H, num_layers=2, dtype=F32, device=device)
     rnnext.copy_parameters(ref, ours)
     for name, p in ref.named_parameters():
-        assert getattr(ours, name).dtype == F32
+        assert getattr(ours, name).dtype == F32 and getattr(ours, name).device == p.device
         assert torch.equal(getattr(ours, name), p.to(F32)), name
 
 
-def test_copy_parameters_ignores_batch_first():
+def test_copy_parameters_ignores_batch_first(device):
     torch.manual_seed(0)
-    ref = nn.GRU(I, H, batch_first=True, dtype=F64)
-    ours = rnnext.GRU(I, H, batch_first=False, dtype=F64)
+    ref = nn.GRU(I, H, batch_first=True, dtype=F64, device=device)
+    ours = rnnext.GRU(I, H, batch_first=False, dtype=F64, device=device)
     rnnext.copy_parameters(ref, ours)
-    x = torch.randn(B, T, I, dtype=F64)
-    torch.testing.assert_close(ours(x.transpose(0, 1))[0].transpose(0, 1), ref(x)[0], **TOL[F64])
+    x = torch.randn(B, T, I, dtype=F64).to(device)
+    torch.testing.assert_close(ours(x.transpose(0, 1))[0].transpose(0, 1), ref(x)[0], **tolerance(device, F64))
 
 
 @pytest.mark.parametrize("src,dst", [
@@ -360,8 +366,8 @@ def test_copy_parameters_ignores_batch_first():
     (lambda: rnnext.LSTM(I, H, proj_size=2), lambda: nn.LSTM(I, H, proj_size=3)),
 ], ids=["cell", "nonlinearity", "input_size", "hidden_size", "num_layers", "bidirectional", "bias",
         "proj_size", "proj_size-reverse"])
-def test_copy_parameters_rejects_mismatch(src, dst):
-    src, dst = src(), dst()
+def test_copy_parameters_rejects_mismatch(src, dst, device):
+    src, dst = src().to(device), dst().to(device)
     before = {n: p.detach().clone() for n, p in dst.named_parameters()}
     with pytest.raises(ValueError):
         rnnext.copy_parameters(src, dst)
@@ -369,9 +375,9 @@ def test_copy_parameters_rejects_mismatch(src, dst):
         assert torch.equal(p, before[n]), f"{n} modified by a rejected copy"
 
 
-def test_copy_parameters_rejects_non_rnn():
+def test_copy_parameters_rejects_non_rnn(device):
     with pytest.raises(TypeError):
-        rnnext.copy_parameters(nn.Linear(3, 4), rnnext.LSTM(3, 4))
+        rnnext.copy_parameters(nn.Linear(3, 4, device=device), rnnext.LSTM(3, 4, device=device))
 
 
 FROM_TORCH = [
@@ -390,10 +396,10 @@ CONFIG_ATTRS = ("mode", "input_size", "hidden_size", "num_layers", "bias", "batc
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("cell,kwargs", FROM_TORCH,
                          ids=[f"{c}-{'-'.join(f'{k}={v}' for k, v in kw.items())}" for c, kw in FROM_TORCH])
-def test_from_torch(cell, kwargs, training, dtype):
+def test_from_torch(cell, kwargs, training, dtype, device):
     ref_cls, our_cls, extra = module_classes(cell)
     torch.manual_seed(0)
-    ref = ref_cls(I, H, dtype=dtype, **extra, **kwargs).train(training)
+    ref = ref_cls(I, H, dtype=dtype, **extra, **kwargs).to(device).train(training)
     for made in (rnnext.from_torch(ref), our_cls.from_torch(ref)):
         assert type(made) is our_cls
         for attr in CONFIG_ATTRS:
@@ -409,7 +415,7 @@ def test_from_torch(cell, kwargs, training, dtype):
         ref.eval()
         made.eval()
         x, hx = make_inputs(ref, with_hx=True)
-        assert_results_close(run(ref, x, hx), run(made, x, hx), dtype, what="from_torch")
+        assert_results_close(run(ref, x, hx), run(made, x, hx), what="from_torch")
         ref.train(training)
 
 
@@ -418,20 +424,20 @@ def test_from_torch(cell, kwargs, training, dtype):
     (rnnext.LSTM, lambda: nn.RNN(I, H)),
     (rnnext.RNN, lambda: nn.GRU(I, H)),
 ], ids=["GRU<-LSTM", "LSTM<-RNN", "RNN<-GRU"])
-def test_from_torch_classmethod_rejects_other_cell(our_cls, ref):
+def test_from_torch_classmethod_rejects_other_cell(our_cls, ref, device):
     with pytest.raises(TypeError):
-        our_cls.from_torch(ref())
+        our_cls.from_torch(ref().to(device))
 
 
-def test_from_torch_rejects_non_rnn():
+def test_from_torch_rejects_non_rnn(device):
     with pytest.raises(TypeError):
-        rnnext.from_torch(nn.Linear(3, 4))
+        rnnext.from_torch(nn.Linear(3, 4, device=device))
 
 
 @pytest.mark.parametrize("cell", CELLS)
-def test_module_dtype_conversion(cell):
+def test_module_dtype_conversion(cell, device):
     """.double() / .float() on an rnnext module, as on torch.nn's, keep the two in step."""
-    ref, ours = make_pair(cell, dtype=F32, num_layers=2, bidirectional=True)
+    ref, ours = make_pair(cell, dtype=F32, num_layers=2, bidirectional=True, device=device)
     ref.double()
     ours.double()
     assert all(p.dtype == F64 for p in ours.parameters())
@@ -440,21 +446,21 @@ def test_module_dtype_conversion(cell):
 
 
 @pytest.mark.parametrize("cell", CELLS)
-def test_frozen_parameters(cell):
+def test_frozen_parameters(cell, device):
     """Some parameters with requires_grad=False: they get no gradient, the others match."""
-    ref, ours = make_pair(cell, num_layers=2, bidirectional=True)
+    ref, ours = make_pair(cell, num_layers=2, bidirectional=True, device=device)
     for m in (ref, ours):
         m.weight_ih_l0.requires_grad_(False)
         m.bias_hh_l1_reverse.requires_grad_(False)
     x, hx = make_inputs(ref, with_hx=True)
     got = run(ours, x, hx)
     assert got["param.weight_ih_l0"] is None and got["param.bias_hh_l1_reverse"] is None
-    assert_results_close(run(ref, x, hx), got, F64, what="frozen")
+    assert_results_close(run(ref, x, hx), got, what="frozen")
 
 
 @pytest.mark.parametrize("cell", CELLS)
-def test_backward_twice_with_retain_graph(cell):
-    ref, ours = make_pair(cell, num_layers=2, bidirectional=True)
+def test_backward_twice_with_retain_graph(cell, device):
+    ref, ours = make_pair(cell, num_layers=2, bidirectional=True, device=device)
     x, hx = make_inputs(ref, with_hx=True)
     results = []
     for m in (ref, ours):
@@ -464,4 +470,4 @@ def test_backward_twice_with_retain_graph(cell):
         (g2,) = torch.autograd.grad((y * y).sum(), xx)
         results.append((g1, g2))
     for expected, got in zip(*results):
-        torch.testing.assert_close(got, expected, **TOL[F64])
+        torch.testing.assert_close(got, expected, **tolerance(device, F64))
