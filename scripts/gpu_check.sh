@@ -60,7 +60,8 @@ for cls in (rnnext.LSTM, rnnext.GRU, rnnext.RNN):
     assert torch.allclose(out, out_ref, atol=1e-12) and torch.allclose(g, g_ref, atol=1e-12)"
 xdist=()
 "$py" -c "import xdist" 2>/dev/null && xdist=(-n "$workers")
-step tests_cuda 240 "$py" -m pytest -q -ra "${xdist[@]}" -k "cuda or CUDA" tests
+export RNNEXT_EXPECT_CUDA=1  # the test that every op has a CUDA kernel asserts it
+step tests_cuda 240 "$py" -m pytest -q -ra --durations=15 "${xdist[@]}" -k "cuda or CUDA" tests
 step check_cuda 120 "$py" -m rnnext check --device cuda
 step bench_cuda 150 "$py" -m rnnext bench --device cuda --repeats 5 --json "$out/bench_cuda.json"
 if command -v compute-sanitizer >/dev/null 2>&1; then
