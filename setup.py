@@ -75,7 +75,11 @@ def _want_cuda():
 
 def _nvidia_include_dirs():
     """Header folders of the nvidia pip packages that torch's CUDA wheels install (cuBLAS,
-    cuSPARSE, ... for ATen/cuda/CUDAContext.h): a toolkit without those libraries still builds."""
+    cuSPARSE, ... for ATen/cuda/CUDAContext.h), for a toolkit that lacks those libraries (seen:
+    the CUDA 13.0 toolkit of the CPU machines). Not added where the toolkit has cuBLAS, so its
+    runtime headers are not shadowed by the packages' copies of another version."""
+    if os.path.isfile(os.path.join(cpp_extension.CUDA_HOME or "", "include", "cublas_v2.h")):
+        return []
     dirs = []
     for entry in sys.path:
         dirs += glob.glob(os.path.join(entry, "nvidia", "*", "include"))
@@ -83,16 +87,26 @@ def _nvidia_include_dirs():
 
 
 def _cublas_library():
-    """The cuBLAS shared library to link, by path: from the nvidia pip packages torch's CUDA
-    wheels install, else from the toolkit. At run time the soname resolves to the cuBLAS torch
-    has already loaded."""
+    """The cuBLAS shared library to link, by path: the one torch has loaded in this process
+    (import torch loads libtorch_cuda and its cuBLAS), else one of torch's CUDA major version
+    from the nvidia pip packages or the toolkit. At run time its soname resolves to the cuBLAS
+    torch loads, so rnnext and torch share one cuBLAS (and torch's handles)."""
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                path = line.split()[-1]
+                if os.path.basename(path).startswith("libcublas.so"):
+                    return path
+    except OSError:
+        pass
+    major = (torch.version.cuda or "").split(".")[0]
     roots = [os.path.join(entry, "nvidia", "*", "lib") for entry in sys.path]
     roots.append(os.path.join(cpp_extension.CUDA_HOME or "/usr/local/cuda", "lib*"))
     for root in roots:
-        found = sorted(glob.glob(os.path.join(root, "libcublas.so*")))
+        found = sorted(glob.glob(os.path.join(root, f"libcublas.so.{major}*")))
         if found:
             return found[0]
-    sys.exit("rnnext: no libcublas.so found (nvidia pip packages or the CUDA toolkit); "
+    sys.exit(f"rnnext: no libcublas.so.{major} found (torch's nvidia packages or the CUDA toolkit); "
              "set RNNEXT_CPU_ONLY=1 to build without the CUDA kernels")
 
 

@@ -8,7 +8,13 @@
 //                  y, workspace, h0, c0, need_grad_x, need_grad_weights)
 //     -> [grad_x, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh, grad_w_hr].
 // Each backend registers &SingleStateOps<Loop, Cell>::forward etc. for its dispatch key.
+//
+// Autocast is off inside the ops: they compute in the dtype of their arguments (the modules
+// cast them first where torch.nn's layers would run in another dtype), so the GEMMs the loops
+// call through ATen (at::mm) return that dtype too, whatever autocast region calls the op.
 #pragma once
+
+#include <c10/core/impl/LocalDispatchKeySet.h>
 
 #include <tuple>
 #include <vector>
@@ -23,6 +29,7 @@ struct SingleStateOps {
   static std::tuple<Tensor, Tensor, Tensor> forward(const Tensor& x, const Tensor& h0, const Tensor& w_ih,
                                                     const Tensor& w_hh, const OptTensor& b_ih, const OptTensor& b_hh,
                                                     const OptTensor& batch_sizes, bool reverse, bool need_backward) {
+    const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
     auto out = Loop::template forward<Cell>(x, h0, std::nullopt, w_ih, w_hh, b_ih, b_hh, std::nullopt, batch_sizes,
                                             reverse, need_backward);
     return {std::get<0>(out), std::get<1>(out), std::get<3>(out)};
@@ -32,6 +39,7 @@ struct SingleStateOps {
       const Tensor& grad_y, const Tensor& grad_h_n, const Tensor& x, const Tensor& w_ih, const Tensor& w_hh,
       const OptTensor& batch_sizes, bool reverse, bool has_bias, const Tensor& y, const Tensor& workspace,
       const Tensor& h0, bool need_grad_x, bool need_grad_weights) {
+    const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
     auto g = Loop::template backward<Cell>(grad_y, grad_h_n, std::nullopt, x, w_ih, w_hh, std::nullopt, batch_sizes,
                                            reverse, has_bias, y, workspace, h0, std::nullopt, need_grad_x,
                                            need_grad_weights);
@@ -47,6 +55,7 @@ struct LstmOps {
                                                             const OptTensor& b_ih, const OptTensor& b_hh,
                                                             const OptTensor& w_hr, const OptTensor& batch_sizes,
                                                             bool reverse, bool need_backward) {
+    const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
     return Loop::template forward<Cell>(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse,
                                         need_backward);
   }
@@ -56,6 +65,7 @@ struct LstmOps {
       const Tensor& w_hh, const OptTensor& w_hr, const OptTensor& batch_sizes, bool reverse, bool has_bias,
       const Tensor& y, const Tensor& workspace, const Tensor& h0, const Tensor& c0, bool need_grad_x,
       bool need_grad_weights) {
+    const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
     auto g = Loop::template backward<Cell>(grad_y, grad_h_n, grad_c_n, x, w_ih, w_hh, w_hr, batch_sizes, reverse,
                                            has_bias, y, workspace, h0, c0, need_grad_x, need_grad_weights);
     return {g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7]};

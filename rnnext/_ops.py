@@ -76,18 +76,26 @@ def layer_forward(cell: str, x: Tensor, h0: Tensor, c0: Optional[Tensor], w: Lay
 
 
 def _autocast_dtype(x: Tensor) -> Optional[torch.dtype]:
-    """The dtype torch.autocast runs recurrent layers in on x's device, or None. torch.nn's
-    recurrent layers are on CUDA autocast's lower-precision list; rnnext's follow them there."""
-    if x.device.type == "cuda" and torch.is_autocast_enabled("cuda"):
-        return torch.get_autocast_dtype("cuda")
+    """The dtype torch.nn's recurrent layers run in under CUDA autocast, for a CUDA x, or None.
+
+    torch.nn's layers meet autocast only through cuDNN's RNN op, whose autocast wrapper
+    (aten/src/ATen/cudnn/AutocastRNN.cpp) casts every non-float64 floating tensor to float16,
+    whatever dtype autocast was given; with cuDNN off they are not cast at all. rnnext does
+    the same, so its outputs have torch.nn's dtypes."""
+    if (x.device.type == "cuda" and torch.is_autocast_enabled("cuda") and torch.backends.cudnn.enabled
+            and torch.backends.cudnn.is_available()):
+        return torch.float16
     return None
 
 
 def _cast(tensors, dtype):
-    """x, h0, c0 and the layer's weights in dtype (differentiable: gradients reach the
-    float32 parameters in their own dtype, as under autocast with torch.nn)."""
+    """x, h0, c0 and the layer's weights in dtype, float64 ones excepted as autocast does
+    (differentiable: gradients reach the float32 parameters in their own dtype)."""
     x, h0, c0, w = tensors
-    cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
+
+    def cast(t):
+        return t if t is None or t.dtype == torch.float64 else t.to(dtype)
+
     return cast(x), cast(h0), cast(c0), LayerWeights(*(cast(t) for t in w))
 
 

@@ -270,16 +270,21 @@ def test_ops_with_one_tensor_on_the_cpu_raise(cell, cuda_device):
 
 
 # ============================================================================ autocast
+@pytest.mark.parametrize("cudnn", [pytest.param(True, id="cudnn"), pytest.param(False, id="no-cudnn")])
 @pytest.mark.parametrize("dtype", HALF)
 @pytest.mark.parametrize("cell", CELLS)
-def test_autocast_runs_in_the_half_dtype_like_torch(cell, dtype, cuda_device):
+def test_autocast_runs_in_the_half_dtype_like_torch(cell, dtype, cudnn, cuda_device):
     """float32 modules under torch.autocast("cuda", dtype): outputs and states in torch.nn's
     dtype and close to torch.nn's values (HALF_FLOOR x max(1, max|ref|)); backward gives
-    gradients in torch.nn's dtypes (float32 for the float32 parameters, input and states)."""
+    gradients in torch.nn's dtypes (float32 for the float32 parameters, input and states).
+    torch.nn meets autocast only through cuDNN's RNN op, which runs in float16 whatever the
+    autocast dtype; with cuDNN off it is not cast at all: rnnext must follow both."""
     ref, ours = make_pair(cell, IN, HID, dtype=F32, device=cuda_device, **STACK)
     x, hx = make_inputs(ref, with_hx=True)
-    expected = run(ref, x, hx, autocast_dtype=dtype)
-    got = run(ours, x, hx, autocast_dtype=dtype)
+    with torch.backends.cudnn.flags(enabled=cudnn, allow_tf32=False):
+        expected = run(ref, x, hx, autocast_dtype=dtype)
+        got = run(ours, x, hx, autocast_dtype=dtype)
+    assert expected["out"].dtype == (F16 if cudnn else F32), "torch.nn's autocast behaviour changed"
     assert set(got) == set(expected)
     for key, value in expected.items():
         if value is None:

@@ -48,17 +48,16 @@ inline unsigned int blocks_for(int64_t n) { return static_cast<unsigned int>((n 
 //
 // Straight to cuBLAS on raw pointers (a call through the dispatcher on per-step views costs
 // more host time than a small step's GEMM takes on the GPU), on torch's handle for the current
-// stream, which also carries torch's TF32 setting as its math mode. ATen's own gemm wrappers
+// stream (taken once per op call), which also carries torch's TF32 setting as its math mode. ATen's own gemm wrappers
 // are not exported by every torch build (2.14's libtorch_cuda hides them), so setup.py links
 // cuBLAS itself: the same library, by soname, that torch has loaded. float16 and bfloat16
 // accumulate in float.
 template <typename T>
-void gemm_rows(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b, int64_t ldb, bool b_transposed,
-               bool accumulate, T* c, int64_t ldc) {
+void gemm_rows(cublasHandle_t handle, int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b,
+               int64_t ldb, bool b_transposed, bool accumulate, T* c, int64_t ldc) {
   if (m == 0 || n == 0) return;
   TORCH_CHECK(m <= INT_MAX && n <= INT_MAX && k <= INT_MAX && lda <= INT_MAX && ldb <= INT_MAX && ldc <= INT_MAX,
               "rnnext: a per-step product of [", m, ", ", k, "] x [", k, ", ", n, "] is too large for cuBLAS's 32-bit sizes");
-  const cublasHandle_t handle = at::cuda::getCurrentCUDABlasHandle();
   const cublasOperation_t op_b = b_transposed ? CUBLAS_OP_T : CUBLAS_OP_N;
   const int cm = static_cast<int>(n), cn = static_cast<int>(m), ck = static_cast<int>(k);
   cublasStatus_t status;
@@ -232,12 +231,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(const Tensor& x_in, con
   Tensor c_state = Cell::kHasCellState ? c0->contiguous().clone() : Tensor();
   Tensor gh = x.new_empty({B, GH});
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const cublasHandle_t blas = at::cuda::getCurrentCUDABlasHandle();  // bound to `stream`
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "rnnext_cuda_layer_forward", [&] {
     using T = scalar_t;
     T* h_ptr = h_state.data_ptr<T>();
     T* y_ptr = y.data_ptr<T>();
-    T* ws_ptr = data_or_null<T>(ws);
+    T* ws_ptr = need_backward ? ws.data_ptr<T>() : nullptr;
     const T* w_hh_ptr = w_hh_c.data_ptr<T>();
     ForwardStep<T> step;
     step.H = H;
@@ -266,7 +266,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(const Tensor& x_in, con
         }
       }
       // gh = h_prev @ W_hh^T: [rows, Hout] x [Hout, G*H]
-      gemm_rows<T>(rows, GH, Hout, h_prev, Hout, w_hh_ptr, Hout, true, false, gh.data_ptr<T>(), GH);
+      gemm_rows<T>(blas, rows, GH, Hout, h_prev, Hout, w_hh_ptr, Hout, true, false, gh.data_ptr<T>(), GH);
       step.rows = rows;
       step.gi = gi.data_ptr<T>() + off * GH;
       step.h_prev = h_prev;
@@ -278,7 +278,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(const Tensor& x_in, con
       }
       if (sz.proj) {
         // h = r @ W_hr^T: [rows, H] x [H, Hout]
-        gemm_rows<T>(rows, Hout, H, step.h_out, step.h_out_ld, w_hr_c.data_ptr<T>(), H, true, false,
+        gemm_rows<T>(blas, rows, Hout, H, step.h_out, step.h_out_ld, w_hr_c.data_ptr<T>(), H, true, false,
                      y_ptr + off * Hout, Hout);
       }
     }
@@ -330,6 +330,7 @@ std::vector<Tensor> layer_backward(const Tensor& grad_y_in, const Tensor& grad_h
   const bool need_h_prev = need_grad_weights || Cell::kReadsHPrevInBackward;
   Tensor h_prev_all = x.new_empty({need_h_prev ? st.N : 0, Hout});
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const cublasHandle_t blas = at::cuda::getCurrentCUDABlasHandle();  // bound to `stream`
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "rnnext_cuda_layer_backward", [&] {
     using T = scalar_t;
@@ -361,7 +362,7 @@ std::vector<Tensor> layer_backward(const Tensor& grad_y_in, const Tensor& grad_h
           add_kernel<T><<<blocks_for(rows * Hout), kThreads, 0, stream>>>(rows * Hout, dh_state_ptr, grad_y_t, dh_t);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         }
-        gemm_rows<T>(rows, H, Hout, dh_t, Hout, w_hr_c.data_ptr<T>(), H, false, false, dr_buf.data_ptr<T>(), H);
+        gemm_rows<T>(blas, rows, H, Hout, dh_t, Hout, w_hr_c.data_ptr<T>(), H, false, false, dr_buf.data_ptr<T>(), H);
         step.dh_a = dr_buf.data_ptr<T>();
         step.dh_a_ld = H;
         step.dh_b = nullptr;
@@ -387,7 +388,7 @@ std::vector<Tensor> layer_backward(const Tensor& grad_y_in, const Tensor& grad_h
       }
       // dh_prev (+)= d_gh @ W_hh: [rows, G*H] x [G*H, Hout]; the GRU's direct z * dh term is
       // already in dh_state.
-      gemm_rows<T>(rows, Hout, GH, step.d_gh, GH, w_hh_c.data_ptr<T>(), Hout, false, Cell::kDirectHiddenGrad,
+      gemm_rows<T>(blas, rows, Hout, GH, step.d_gh, GH, w_hh_c.data_ptr<T>(), Hout, false, Cell::kDirectHiddenGrad,
                    dh_state_ptr, Hout);
     }
   });
