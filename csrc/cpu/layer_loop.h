@@ -24,7 +24,7 @@
 #include <tuple>
 #include <vector>
 
-#include "../layer_checks.h"
+#include "../layer_ops.h"
 #include "gemm.h"
 
 namespace rnnext {
@@ -500,18 +500,14 @@ std::vector<Tensor> layer_backward(const Tensor& grad_y_in, const Tensor& grad_h
     const OneDnnLinear input_linear(w_ih.t(), st.N, st.N);
     grad_x = (input_linear.available() ? input_linear(d_gi) : at::mm(d_gi, w_ih)).view(x_in.sizes());
   }
-  Tensor grad_w_ih = x.new_empty({0}), grad_w_hh = x.new_empty({0});
-  Tensor grad_b_ih = x.new_empty({0}), grad_b_hh = x.new_empty({0}), grad_w_hr = x.new_empty({0});
+  std::vector<Tensor> w_grads;
   if (need_grad_weights) {
-    grad_w_ih = at::mm(d_gi.t(), x);
-    grad_w_hh = at::mm(d_gh.t(), h_prev_all);
-    if (has_bias) {
-      grad_b_ih = d_gi.sum(0);
-      grad_b_hh = Cell::kSeparateHiddenGrad ? d_gh.sum(0) : grad_b_ih.clone();
-    }
-    if (sz.proj) grad_w_hr = at::mm(dh_all.t(), ws.narrow(1, r_col, H));
+    w_grads = weight_grads(d_gi, d_gh, x, h_prev_all, has_bias, sz.proj ? OptTensor(dh_all) : std::nullopt,
+                           sz.proj ? OptTensor(ws.narrow(1, r_col, H)) : std::nullopt);
+  } else {
+    for (int i = 0; i < 5; ++i) w_grads.push_back(x.new_empty({0}));  // distinct: outputs must not alias
   }
-  return {grad_x, dh_state, dc_state, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh, grad_w_hr};
+  return {grad_x, dh_state, dc_state, w_grads[0], w_grads[1], w_grads[2], w_grads[3], w_grads[4]};
 }
 
 // The CPU time loop, as csrc/layer_ops.h takes it.

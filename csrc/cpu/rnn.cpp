@@ -5,7 +5,6 @@
 #include <torch/library.h>
 
 #include "../cell_math.h"
-#include "../layer_ops.h"
 #include "layer_loop.h"
 
 namespace rnnext {

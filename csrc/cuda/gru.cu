@@ -4,7 +4,6 @@
 // [ r z n | gh_n ], gh_n = W_hn h_prev + b_hn, which r multiplies.
 #include <torch/library.h>
 
-#include "../layer_ops.h"
 #include "layer_loop.cuh"
 
 namespace rnnext {

@@ -5,7 +5,6 @@
 // previous step's c (or c0), read from there in backward.
 #include <torch/library.h>
 
-#include "../layer_ops.h"
 #include "layer_loop.cuh"
 
 namespace rnnext {

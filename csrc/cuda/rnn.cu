@@ -2,7 +2,6 @@
 // registrations. No workspace: the derivative comes from h_t, the output row itself.
 #include <torch/library.h>
 
-#include "../layer_ops.h"
 #include "layer_loop.cuh"
 
 namespace rnnext {
