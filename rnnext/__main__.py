@@ -168,9 +168,11 @@ def bench(args) -> int:
     if not _require(device):
         return 2
     warnings.filterwarnings("ignore", message="LSTM with projections is not supported")
-    rows = b.default_rows(device)
-    if args.only:
-        rows = [r for r in rows if any(key.lower() in r.name().lower() for key in args.only)]
+    def chosen(rows):
+        return [r for r in rows if not args.only or any(key.lower() in r.name().lower() for key in args.only)]
+
+    rows = chosen(b.default_rows(device)) if args.suite in ("all", "sequence") else []
+    steps = chosen(b.step_rows()) if args.suite in ("all", "step") else []
     machine = _describe(device)
     print(f"rnnext vs torch.nn speed — {machine}")
     if device.type == "cpu":
@@ -182,12 +184,25 @@ def bench(args) -> int:
         print(f"torch.nn: cuDNN defaults (allow_tf32={torch.backends.cudnn.allow_tf32}, "
               f"benchmark={torch.backends.cudnn.benchmark}); GEMM floor: torch.mm/bmm on the GPU, "
               f"TF32 {'on' if torch.backends.cuda.matmul.allow_tf32 else 'off'}\n", flush=True)
-    results = b.run(rows, repeats=args.repeats, progress=lambda s: print(s, flush=True), device=device)
-    print()
-    print(b.table(results))
+    progress = lambda s: print(s, flush=True)  # noqa: E731
+    report = {}
+    if rows:
+        results = b.run(rows, repeats=args.repeats, progress=progress, device=device)
+        print("\nWhole sequences\n")
+        print(b.table(results))
+        report = b.to_json(results, machine, _device_fields(device))
+    if steps:
+        print("\nOne time step per call (*Cell modules; layers called on one step with the carried state;"
+              " decoding loops)\n", flush=True)
+        step_results = b.run_steps(steps, repeats=args.repeats, progress=progress, device=device)
+        print()
+        print(b.table(step_results, unit="us"))
+        step_report = b.to_json(step_results, machine, _device_fields(device))
+        report = {**step_report, "results": [], **report, "step_results": step_report["results"],
+                  "step_geomean_speedup": step_report["geomean_speedup"]}
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(b.to_json(results, machine, _device_fields(device)), f, indent=1)
+            json.dump(report, f, indent=1)
         print(f"\nwrote {args.json}")
     return 0
 
@@ -205,6 +220,8 @@ def main(argv=None) -> int:
     p_bench = sub.add_parser("bench", help="speed report against torch.nn; --device cuda for a GPU")
     p_bench.add_argument("--repeats", type=int, default=7, help="interleaved repeats per row (median)")
     p_bench.add_argument("--only", nargs="*", help="run rows whose name contains any of these")
+    p_bench.add_argument("--suite", choices=("all", "sequence", "step"), default="all",
+                         help="whole sequences, one step per call, or both (default)")
     p_bench.add_argument("--json", help="also write the results to this JSON file")
     p_bench.add_argument("--device", type=_device_arg, default="cpu",
                          help=device_help + " (on CUDA timed with CUDA events, two more rows)")

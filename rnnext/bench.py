@@ -300,6 +300,137 @@ def floor_seconds(row: Row, mode: str, device="cpu") -> float:
                for shape, count in _gemm_list(row, mode).items())
 
 
+# ---------------------------------------------------------------- step-at-a-time rows
+@dataclass
+class StepRow:
+    """A call that runs one time step (or, with decode > 1, a loop of such calls feeding each
+    output back as the next input, as a decoder does): a *Cell module, or an RNN/LSTM/GRU layer
+    stack called on a one-step sequence with the carried state. input_size = hidden_size."""
+    kind: str  # "LSTMCell", "GRUCell", "RNNCell", "LSTM", "GRU"
+    B: int
+    H: int
+    layers: int = 1  # layer stacks only
+    decode: int = 1  # calls per timed function
+    dtype: torch.dtype = torch.float32
+
+    @property
+    def cell(self) -> str:
+        return self.kind.replace("Cell", "")
+
+    @property
+    def is_cell(self) -> bool:
+        return self.kind.endswith("Cell")
+
+    def name(self) -> str:
+        s = self.kind if self.is_cell else f"{self.kind} L={self.layers}"
+        s += f" B={self.B} H={self.H}"
+        if not self.is_cell:
+            s += f" decode {self.decode}" if self.decode > 1 else " one step"
+        if self.dtype != torch.float32:
+            s += " " + str(self.dtype).replace("torch.", "")
+        return s
+
+
+def step_rows() -> List[StepRow]:
+    """Each *Cell at B=1/H=64 and B=32/H=256 in float32 and float64; LSTM and GRU stacks of 1
+    and 2 layers called one step at a time at B=1/H=256 and B=16/H=512; a 100-step decoding loop
+    through a 2-layer LSTM and GRU."""
+    rows = []
+    for dtype in (torch.float32, torch.float64):
+        for kind in ("LSTMCell", "GRUCell", "RNNCell"):
+            for B, H in ((1, 64), (32, 256)):
+                rows.append(StepRow(kind, B, H, dtype=dtype))
+    for kind in ("LSTM", "GRU"):
+        for layers in (1, 2):
+            for B, H in ((1, 256), (16, 512)):
+                rows.append(StepRow(kind, B, H, layers=layers))
+    for kind in ("LSTM", "GRU"):
+        rows.append(StepRow(kind, 1, 256, layers=2, decode=100))
+    return rows
+
+
+def _step_models(row: StepRow, device="cpu"):
+    from .utils import from_torch
+
+    torch.manual_seed(0)
+    cls = getattr(nn, row.kind)
+    ref = cls(row.H, row.H) if row.is_cell else cls(row.H, row.H, num_layers=row.layers)
+    ref.to(device=device, dtype=row.dtype)
+    return ref, from_torch(ref)
+
+
+def _step_call_fn(model: nn.Module, row: StepRow, mode: str) -> Callable[[], None]:
+    """fwd: the call(s) under no_grad; train: one call, then backward of the sum of its outputs
+    (the input is data, the state carried in: gradients reach the parameters)."""
+    device = _device_of(model)
+    g = torch.Generator().manual_seed(1)
+    factory = dict(device=device, dtype=row.dtype)
+    lead = () if row.is_cell else (row.layers,)
+    x = torch.randn(row.B, row.H, generator=g).to(**factory)
+    if not row.is_cell:
+        x = x.unsqueeze(0)  # [1, B, H]: one time step
+    h = torch.randn(*lead, row.B, row.H, generator=g).to(**factory)
+    state = (h, h.clone()) if row.cell == "LSTM" else h
+
+    def call(inp, hx):
+        out = model(inp, hx)
+        if row.is_cell:  # h' or (h', c'); the next input is h'
+            return (out[0] if isinstance(out, tuple) else out), out
+        return out[0], out[1]
+
+    if mode == "fwd":
+        model.eval()
+
+        def run():
+            inp, hx = x, state
+            with torch.no_grad():
+                for _ in range(row.decode):
+                    inp, hx = call(inp, hx)
+        return run
+
+    model.train()
+
+    def run():
+        out, hx = call(x, state)
+        states = hx if isinstance(hx, tuple) else (hx,)
+        loss = out.sum() + sum(s.sum() for s in states)
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    return run
+
+
+def _step_gemm_list(row: StepRow, mode: str) -> Dict[Tuple[int, int, int], int]:
+    """{(m, n, k): count} of the GEMMs one timed function must do."""
+    G, H, B = GATES[row.cell], row.H, row.B
+    gemms: Dict[Tuple[int, int, int], int] = {}
+    for shape in ((B, G * H, H), (B, G * H, H)):  # input and recurrent products
+        gemms[shape] = gemms.get(shape, 0) + row.layers * row.decode
+    if mode == "train":
+        for shape in ((B, H, G * H), (B, H, G * H), (G * H, H, B), (G * H, H, B)):  # dx, dh, dW_ih, dW_hh
+            gemms[shape] = gemms.get(shape, 0) + row.layers
+    return gemms
+
+
+def run_steps(rows: List[StepRow], modes=("fwd", "train"), repeats: int = 7,
+              progress: Callable[[str], None] = print, device="cpu") -> List[Result]:
+    """The step-at-a-time suite: as run(), times in milliseconds per timed function; decoding
+    loops are inference only."""
+    results = []
+    jobs = [(row, mode) for row in rows for mode in modes if mode == "fwd" or row.decode == 1]
+    for i, (row, mode) in enumerate(jobs):
+        ref, ours = _step_models(row, device)
+        t_ours, t_torch = time_pair(_step_call_fn(ours, row, mode), _step_call_fn(ref, row, mode), repeats,
+                                    device=device)
+        floor = sum(_fastest_gemm_seconds(*shape, count, device, row.dtype)
+                    for shape, count in _step_gemm_list(row, mode).items())
+        res = Result(row.name(), mode, t_torch * 1e3, t_ours * 1e3, floor * 1e3)
+        results.append(res)
+        progress(f"[{i + 1}/{len(jobs)}] {res.row:<34} {mode:<5} torch {res.torch_ms * 1e3:9.1f} us"
+                 f"  rnnext {res.rnnext_ms * 1e3:9.1f} us  x{res.speedup:5.2f}")
+    return results
+
+
 # ---------------------------------------------------------------- the suite
 def run(rows: List[Row], modes=("fwd", "train"), repeats: int = 7,
         progress: Callable[[str], None] = print, device="cpu") -> List[Result]:
@@ -324,13 +455,16 @@ def geomean(values) -> float:
     return math.exp(sum(math.log(v) for v in values) / len(values))
 
 
-def table(results: List[Result]) -> str:
-    lines = ["| shape | mode | torch.nn ms | rnnext ms | speedup | GEMM floor ms | of floor | saved MiB torch / rnnext |",
+def table(results: List[Result], unit: str = "ms") -> str:
+    """A markdown table of results, times in ms (or "us" for the step-at-a-time suite)."""
+    scale = 1e3 if unit == "us" else 1.0
+    lines = [f"| shape | mode | torch.nn {unit} | rnnext {unit} | speedup | GEMM floor {unit} | of floor "
+             "| saved MiB torch / rnnext |",
              "|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         saved = f"{r.torch_saved_mib:.1f} / {r.rnnext_saved_mib:.1f}" if r.torch_saved_mib is not None else ""
-        lines.append(f"| {r.row} | {r.mode} | {r.torch_ms:.2f} | {r.rnnext_ms:.2f} | {r.speedup:.2f}x | "
-                     f"{r.floor_ms:.2f} | {100 * r.of_floor:.0f}% | {saved} |")
+        lines.append(f"| {r.row} | {r.mode} | {r.torch_ms * scale:.2f} | {r.rnnext_ms * scale:.2f} | "
+                     f"{r.speedup:.2f}x | {r.floor_ms * scale:.2f} | {100 * r.of_floor:.0f}% | {saved} |")
     lines.append(f"\nGeometric-mean speedup over {len(results)} rows: {geomean(r.speedup for r in results):.2f}x; "
                  f"slowest row: {min(r.speedup for r in results):.2f}x")
     return "\n".join(lines)

@@ -172,16 +172,22 @@ inline const Api& api() {
 // per time step, or once per chunk of steps). How is chosen once, at construction: for
 // float32 with AVX2, our packed GEMM (packed_gemm.h) for step-sized products, MKL's packed
 // GEMM for chunk-sized ones (rows_per_call large: MKL's own threading and blocking win
-// there); small_gemm_nn on W^T for a few rows; otherwise the plain gemm().
+// there); small_gemm_nn on W^T for a few rows; otherwise the plain gemm(). A weight used for
+// fewer than kMinUsesToPack products (a sequence of one or two steps: a *Cell call, a decoder
+// step) is not packed or transposed at all: the copy would cost about what the products do.
 template <typename T>
 class StepWeight {
  public:
   // w [n, k], contiguous or a transposed view of a contiguous [k, n] (W_hh^T in backward),
-  // which every route reads from its storage as it is, without a transposed copy.
-  StepWeight(const at::Tensor& w, int64_t max_rows)
+  // which every route reads from its storage as it is, without a transposed copy. `uses`:
+  // the time steps this weight serves (a product each, or a share of one per chunk).
+  StepWeight(const at::Tensor& w, int64_t max_rows, int64_t uses = kMinUsesToPack)
       : n_(w.size(0)), k_(w.size(1)), stored_transposed_(!w.is_contiguous() && w.t().is_contiguous()) {
     const bool fits_int = max_rows < INT_MAX && n_ < INT_MAX && k_ < INT_MAX;
-    if (std::is_same_v<T, float> && max_rows <= kMaxOwnGemmRows && packed_gemm::supported() && own_enabled()) {
+    if (uses < kMinUsesToPack) {
+      w_ = stored_transposed_ ? w.t() : w.contiguous();
+    } else if (std::is_same_v<T, float> && max_rows <= kMaxOwnGemmRows && packed_gemm::supported() &&
+               own_enabled()) {
       w_ = at::empty({packed_gemm::packed_size(n_, k_)}, w.options());
       packed_gemm::pack(reinterpret_cast<const float*>(w.data_ptr()), n_, k_, w.stride(0), w.stride(1),
                         reinterpret_cast<float*>(w_.data_ptr()));
@@ -241,6 +247,9 @@ class StepWeight {
   // Products of more rows per call than this go to the BLAS.
   static constexpr int64_t kMaxOwnGemmRows = 256;
 
+  // Fewer products than this take the weight as it is (see the class comment).
+  static constexpr int64_t kMinUsesToPack = 3;
+
   // RNNEXT_OWN_GEMM=0 keeps every product on the BLAS routes (for comparisons).
   static bool own_enabled() {
     static const bool on = [] {
@@ -276,9 +285,16 @@ class OneDnnLinear {
   static constexpr int64_t kMinWork = int64_t(1) << 22;
   static constexpr int64_t kMaxWork = int64_t(1) << 32;
 
+  // Fewer rows than this do not pay for the weight's reorder (a copy of W per call): a *Cell
+  // training step (B = 32, H = 256) spent ~1 ms in it, three times torch.nn's whole step.
+  static constexpr int64_t kMinRows = 512;
+
   OneDnnLinear(const at::Tensor& w, int64_t batch_hint, int64_t rows_for_work) {
     const int64_t work = rows_for_work * w.size(0) * w.size(1);
-    if (w.scalar_type() != at::kFloat || work < kMinWork || work > kMaxWork || !enabled()) return;
+    if (w.scalar_type() != at::kFloat || rows_for_work < kMinRows || work < kMinWork || work > kMaxWork ||
+        !enabled()) {
+      return;
+    }
     static const auto reorder = c10::Dispatcher::singleton().findOp({"mkldnn::_reorder_linear_weight", ""});
     static const auto linear = c10::Dispatcher::singleton().findOp({"mkldnn::_linear_pointwise", ""});
     if (!reorder || !linear) return;

@@ -260,7 +260,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(const Tensor& x_in, con
 
   const Tensor x = x_in.contiguous().view({st.N, sz.I});
   const Tensor w_hh_c = w_hh.contiguous();
-  const std::vector<UnitBlock> blocks = unit_blocks(H, B * GH * Hout, GH * Hout * x.element_size());
+  // A sequence too short to pack its weights (StepWeight::kMinUsesToPack) runs as one block:
+  // a split would copy each block's gate rows of W_hh, and its products go to the BLAS, which
+  // splits them across threads itself.
+  const bool short_sequence = st.T < StepWeight<float>::kMinUsesToPack;
+  const std::vector<UnitBlock> blocks =
+      short_sequence ? std::vector<UnitBlock>{{0, H}} : unit_blocks(H, B * GH * Hout, GH * Hout * x.element_size());
   const int64_t n_blocks = static_cast<int64_t>(blocks.size());
   const bool gh_bias = Cell::kRecurrentBias && b_hh.has_value();
   // gi = x @ W_ih^T + b_ih (+ b_hh when the cell adds it outside the recurrence): per step
@@ -292,11 +297,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(const Tensor& x_in, con
     scalar_t* gi_ptr = gi.data_ptr<scalar_t>();
     const scalar_t* x_ptr = x.data_ptr<scalar_t>();
     const std::optional<StepWeight<scalar_t>> w_ih_step =
-        fuse_input ? std::nullopt : std::make_optional<StepWeight<scalar_t>>(w_ih, chunk_cap);
+        fuse_input ? std::nullopt
+                   : std::make_optional<StepWeight<scalar_t>>(w_ih, chunk_cap, st.T);
     const int64_t h_out_ld = sz.proj ? (need_backward ? ws_cols : H) : Hout;
     // y = r @ W_hr^T with a projection.
     const std::optional<StepWeight<scalar_t>> w_hr_step =
-        sz.proj ? std::make_optional<StepWeight<scalar_t>>(*w_hr, B) : std::nullopt;
+        sz.proj ? std::make_optional<StepWeight<scalar_t>>(*w_hr, B, st.T) : std::nullopt;
     // Each unit block's slice of W_hh [G*n, Hout] and of b_hh [G*n]; fused, also of W_ih
     // [G*n, I] and of gi's bias [G*n].
     std::vector<StepWeight<scalar_t>> w_block, w_ih_block;
@@ -304,11 +310,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(const Tensor& x_in, con
     const int64_t step_weight_bytes = (w_hh_c.numel() + (fuse_input ? w_ih.numel() : 0)) * x.element_size();
     const bool streaming = step_weight_bytes >= streaming_weight_bytes();
     for (const UnitBlock& ub : blocks) {
-      w_block.emplace_back(gate_rows(w_hh_c, G, H, ub), B);
+      w_block.emplace_back(gate_rows(w_hh_c, G, H, ub), B, st.T);
       w_block.back().set_streaming(streaming);
       b_block.push_back(gh_bias ? gate_rows(*b_hh, G, H, ub).contiguous() : Tensor());
       if (fuse_input) {
-        w_ih_block.emplace_back(gate_rows(w_ih, G, H, ub), B);
+        w_ih_block.emplace_back(gate_rows(w_ih, G, H, ub), B, st.T);
         w_ih_block.back().set_streaming(streaming);
         b_ih_block.push_back(gi_bias.has_value() ? gate_rows(*gi_bias, G, H, ub).contiguous() : Tensor());
       }
@@ -447,10 +453,10 @@ std::vector<Tensor> layer_backward(const Tensor& grad_y_in, const Tensor& grad_h
     scalar_t* dh_buf_ptr = dh_buf.data_ptr<scalar_t>();
     const scalar_t* grad_y_ptr = grad_y.data_ptr<scalar_t>();
     // dh_prev = d_gh @ W_hh is d_gh @ (W_hh^T)^T: the step weight is W_hh^T [Hout, G*H].
-    const StepWeight<scalar_t> w_hh_step(w_hh_c.t(), B);
+    const StepWeight<scalar_t> w_hh_step(w_hh_c.t(), B, st.T);
     // dr = dh @ W_hr likewise: the step weight is W_hr^T [H, Hout].
     const std::optional<StepWeight<scalar_t>> w_hr_step =
-        sz.proj ? std::make_optional<StepWeight<scalar_t>>(w_hr->t(), B) : std::nullopt;
+        sz.proj ? std::make_optional<StepWeight<scalar_t>>(w_hr->t(), B, st.T) : std::nullopt;
     BackwardStep<scalar_t> step;
     step.H = H;
     step.Hout = Hout;
