@@ -65,8 +65,10 @@ def layer_forward(cell: str, x: Tensor, h0: Tensor, c0: Optional[Tensor], w: Lay
         args = (x, h0, c0, w.w_ih, w.w_hh, w.b_ih, w.b_hh, w.w_hr, batch_sizes, reverse, need_backward)
     else:
         args = (x, h0, w.w_ih, w.w_hh, w.b_ih, w.b_hh, batch_sizes, reverse, need_backward)
-    if need_backward or _is_compiling():
-        out = op(*args)
+    if _is_compiling():
+        out = op(*args)  # the registered autograd formula, which Dynamo traces
+    elif need_backward:
+        out = _FUNCTIONS[cell].apply(*args)
     else:
         # Nothing will be recorded: go straight to the kernel, past the Python autograd
         # formula (about 20 us a call, which matters for short sequences).
@@ -82,7 +84,7 @@ def _autocast_dtype(x: Tensor) -> Optional[torch.dtype]:
     (aten/src/ATen/cudnn/AutocastRNN.cpp) casts every non-float64 floating tensor to float16,
     whatever dtype autocast was given; with cuDNN off they are not cast at all. rnnext does
     the same, so its outputs have torch.nn's dtypes."""
-    if (x.device.type == "cuda" and torch.is_autocast_enabled("cuda") and torch.backends.cudnn.enabled
+    if (x.is_cuda and torch.is_autocast_enabled("cuda") and torch.backends.cudnn.enabled
             and torch.backends.cudnn.is_available()):
         return torch.float16
     return None
@@ -100,8 +102,11 @@ def _cast(tensors, dtype):
 
 
 def _is_compiling() -> bool:
-    compiler = getattr(torch, "compiler", None)
-    return bool(compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
+    return _compiler_is_compiling()
+
+
+# torch.compiler.is_compiling (torch >= 2.3), looked up once: it is asked at every call.
+_compiler_is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)
 
 
 # ---------------------------------------------------------------- fake (meta) kernels
@@ -164,6 +169,10 @@ for _cell in ("rnn_tanh", "rnn_relu", "gru"):
     _INPUTS[_cell] = ("x", "h0", "w_ih", "w_hh", "b_ih", "b_hh", "batch_sizes", "reverse", "need_backward")
 _SAVED = ("x", "h0", "c0", "w_ih", "w_hh", "b_ih", "b_hh", "w_hr", "batch_sizes", "y", "ws")
 _WEIGHTS = ("w_ih", "w_hh", "b_ih", "b_hh", "w_hr")
+
+
+# Eager-mode autograd.Function of each cell's forward op (see _register_autograd).
+_FUNCTIONS = {}
 
 
 def _register_autograd(cell):
@@ -229,6 +238,20 @@ def _register_autograd(cell):
 
     torch.library.register_autograd(f"rnnext::{cell}_layer_forward", backward,
                                     setup_context=setup_context)
+
+    # The same formula as a plain autograd.Function, which layer_forward calls in eager mode:
+    # torch.library's generic wrapper spends ~70 us of Python per call (it rebuilds the
+    # schema's argument list and redispatches in Python), as much as a whole small step.
+    op = _forward_op(cell)
+
+    def function_forward(ctx, *inputs):
+        with torch._C._AutoDispatchBelowAutograd():
+            output = op(*inputs)
+        setup_context(ctx, inputs, output)
+        return output
+
+    _FUNCTIONS[cell] = type(f"{cell}_layer", (torch.autograd.Function,),
+                            {"forward": staticmethod(function_forward), "backward": staticmethod(backward)})
 
 
 def _reference_grads(cell, s, w, reverse, grad_y, grad_h_n, grad_c_n):

@@ -417,10 +417,12 @@ class RNNCellBase(_FromTorch, nn.Module):
             init.uniform_(weight, -stdv, stdv)
 
     def _check(self, input: Tensor, states) -> None:
-        """torch.nn's cell checks and exception types (RuntimeError for sizes and dtypes)."""
+        """torch.nn's cell checks and exception types (RuntimeError for sizes and dtypes) of the
+        input and states; the parameters are checked by _check_parameters when the op fails."""
         if input.size(1) != self.input_size:
             raise RuntimeError(f"input has inconsistent input_size: got {input.size(1)} "
                                f"expected {self.input_size}")
+        weight = self._parameters["weight_ih"]
         for i, state in enumerate(states):
             if input.size(0) != state.size(0):
                 raise RuntimeError(f"Input batch size {input.size(0)} doesn't match hidden{i} "
@@ -428,11 +430,16 @@ class RNNCellBase(_FromTorch, nn.Module):
             if state.size(1) != self.hidden_size:
                 raise RuntimeError(f"hidden{i} has inconsistent hidden_size: got {state.size(1)}, "
                                    f"expected {self.hidden_size}")
-        weight = self.weight_ih
-        for name, t in [("input", input)] + [(f"hidden{i}", s) for i, s in enumerate(states)]:
+        for i, t in enumerate((input, *states)):
             if t.dtype != weight.dtype or t.device != weight.device:
+                name = "input" if i == 0 else f"hidden{i - 1}"
                 raise RuntimeError(f"{name} has dtype {t.dtype} on {t.device}, but the weights have "
                                    f"dtype {weight.dtype} on {weight.device}")
+
+    def _check_parameters(self) -> None:
+        """Each parameter's shape and dtype, with torch.nn's names: run when the op rejects a
+        call, so that the error names the parameter (the op knows it as w_ih, b_hh, ...)."""
+        weight = self.weight_ih
         g = GATES[self._cell]
         expected = {"weight_ih": (g * self.hidden_size, self.input_size),
                     "weight_hh": (g * self.hidden_size, self.hidden_size),
@@ -444,8 +451,13 @@ class RNNCellBase(_FromTorch, nn.Module):
                                    f"expected {shape} and {weight.dtype}")
 
     def _step(self, input: Tensor, h: Tensor, c: Optional[Tensor]):
-        w = LayerWeights(self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh, None)
-        _, h_new, c_new = layer_forward(self._cell, input.unsqueeze(0), h, c, w, None, False)
+        p = self._parameters
+        w = LayerWeights(p["weight_ih"], p["weight_hh"], p.get("bias_ih"), p.get("bias_hh"), None)
+        try:
+            _, h_new, c_new = layer_forward(self._cell, input.unsqueeze(0), h, c, w, None, False)
+        except RuntimeError:
+            self._check_parameters()  # raises with the parameter's name where one is malformed
+            raise
         return h_new, c_new
 
     def _forward_single_state(self, input, hx, name: str) -> Tensor:
