@@ -27,30 +27,80 @@
 namespace rnnext {
 namespace math {
 
-// float exp and tanh. On the device: the CUDA math library. On the host: a branch-free
-// Cephes-style exp (range reduction x = n ln2 + r, degree-6 polynomial for e^r, 2^n from the
-// exponent bits; about 1 ulp) that compilers vectorise, unlike a call into libm, so the
-// pointwise passes run at SIMD width. NaN propagates (the clamps keep NaN); +-inf saturate.
-// float64 keeps libm's exp and tanh.
+// exp and tanh. On the device: the CUDA math library. On the host: branch-free Cephes-style
+// versions (range reduction x = n ln2 + r, a polynomial (float) or rational (double) e^r,
+// times 2^n; about 1.5 ulp) that compilers vectorise, unlike a call into libm, so the
+// pointwise passes run at SIMD width. Past the range of normal results they return what
+// libm does: +inf above log(max), 0 below log(min normal) (a subnormal there would differ
+// from 0 by less than 1e-38 in float, 1e-307 in double); NaN propagates. No NaN or
+// out-of-range value is ever converted to an integer.
+
+// 2^k for an integer-valued k in [-126, 127] (float) or [-1022, 1023] (double), from the
+// exponent bits. k + 1.5 * 2^23 (2^52) holds k in its low mantissa bits: no float-to-int
+// conversion (AVX2 has none for 64-bit lanes).
+RNNEXT_HOST_DEVICE float pow2_(float k) {
+  constexpr float kRound = 12582912.0f;  // 1.5 * 2^23
+  const float shifted = k + kRound;
+  int32_t k_bits, round_bits;
+  memcpy(&k_bits, &shifted, sizeof(k_bits));
+  memcpy(&round_bits, &kRound, sizeof(round_bits));
+  const int32_t bits = static_cast<int32_t>(static_cast<uint32_t>(k_bits - round_bits + 127) << 23);
+  float out;
+  memcpy(&out, &bits, sizeof(out));
+  return out;
+}
+RNNEXT_HOST_DEVICE double pow2_(double k) {
+  constexpr double kRound = 6755399441055744.0;  // 1.5 * 2^52
+  const double shifted = k + kRound;
+  int64_t k_bits, round_bits;
+  memcpy(&k_bits, &shifted, sizeof(k_bits));
+  memcpy(&round_bits, &kRound, sizeof(round_bits));
+  const int64_t bits = static_cast<int64_t>(static_cast<uint64_t>(k_bits - round_bits + 1023) << 52);
+  double out;
+  memcpy(&out, &bits, sizeof(out));
+  return out;
+}
+
 RNNEXT_HOST_DEVICE float exp_(float x) {
 #if defined(__CUDA_ARCH__)
   return expf(x);
 #else
-  constexpr float kMax = 88.3762626647949f;  // e^kMax < FLT_MAX with n <= 127
-  x = x < -kMax ? -kMax : x;
-  x = x > kMax ? kMax : x;
-  const float n = floorf(x * 1.44269504088896341f + 0.5f);
-  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;  // x - n ln2 in two parts
+  constexpr float kHigh = 88.72283935546875f;   // log(FLT_MAX)
+  constexpr float kLow = -87.33654022216797f;   // log(FLT_MIN), the smallest normal
+  const float xc = x < kLow ? kLow : (x > kHigh ? kHigh : x);  // NaN stays NaN
+  float n = floorf(xc * 1.44269504088896341f + 0.5f);
+  const float r = xc - n * 0.693359375f + n * 2.12194440e-4f;  // x - n ln2 in two parts
   const float p = ((((1.9875691500e-4f * r + 1.3981999507e-3f) * r + 8.3334519073e-3f) * r + 4.1665795894e-2f) * r +
                    1.6666665459e-1f) * r + 5.0000001201e-1f;
-  const float e_r = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float two_n;
-  memcpy(&two_n, &bits, sizeof(two_n));
-  return e_r * two_n;
+  const float e_r = p * r * r + r + 1.0f;  // NaN for a NaN x
+  n = n == n ? n : 0.f;                    // n in [-126, 128]: 2^n as 2^h 2^(n-h)
+  const float h = floorf(n * 0.5f);
+  const float e = e_r * pow2_(h) * pow2_(n - h);
+  return x > kHigh ? HUGE_VALF : (x < kLow ? 0.f : e);
 #endif
 }
-RNNEXT_HOST_DEVICE double exp_(double x) { return exp(x); }
+
+// Cephes exp: e^r = 1 + 2 r P(r^2) / (Q(r^2) - r P(r^2)) on |r| <= ln2 / 2.
+RNNEXT_HOST_DEVICE double exp_(double x) {
+#if defined(__CUDA_ARCH__)
+  return exp(x);
+#else
+  constexpr double kHigh = 709.782712893383973096;   // log(DBL_MAX)
+  constexpr double kLow = -708.396418532264106224;   // log(DBL_MIN), the smallest normal
+  const double xc = x < kLow ? kLow : (x > kHigh ? kHigh : x);  // NaN stays NaN
+  double n = floor(xc * 1.4426950408889634073599 + 0.5);
+  const double r = xc - n * 6.93145751953125E-1 - n * 1.42860682030941723212E-6;
+  const double rr = r * r;
+  const double px = r * ((1.26177193074810590878E-4 * rr + 3.02994407707441961300E-2) * rr + 9.99999999999999999910E-1);
+  const double qx = ((3.00198505138664455042E-6 * rr + 2.52448340349684104192E-3) * rr + 2.27265548208155028766E-1) * rr +
+                    2.00000000000000000009E0;
+  const double e_r = 1.0 + 2.0 * px / (qx - px);  // NaN for a NaN x
+  n = n == n ? n : 0.0;                             // n in [-1022, 1024]: 2^n as 2^h 2^(n-h)
+  const double h = floor(n * 0.5);
+  const double e = e_r * pow2_(h) * pow2_(n - h);
+  return x > kHigh ? HUGE_VAL : (x < kLow ? 0.0 : e);
+#endif
+}
 
 // tanh(x) = sign(x) (1 - 2 / (e^{2|x|} + 1)), and an odd polynomial below |x| < 0.625 where
 // that form loses relative precision (Cephes tanhf).
@@ -67,7 +117,21 @@ RNNEXT_HOST_DEVICE float tanh_(float x) {
   return ax < 0.625f ? small : signed_big;
 #endif
 }
-RNNEXT_HOST_DEVICE double tanh_(double x) { return tanh(x); }
+// Cephes tanh: x + x z P(z) / Q(z), z = x^2, below |x| < 0.625; above, as the float one.
+RNNEXT_HOST_DEVICE double tanh_(double x) {
+#if defined(__CUDA_ARCH__)
+  return tanh(x);
+#else
+  const double ax = x < 0.0 ? -x : x;
+  const double big = 1.0 - 2.0 / (exp_(2.0 * ax) + 1.0);
+  const double z = x * x;
+  const double p = (-9.64399179425052238628E-1 * z - 9.92877231001918586564E1) * z - 1.61468768441708447952E3;
+  const double q = ((z + 1.12811678491632931402E2) * z + 2.23548839060100448583E3) * z + 4.84406305325125486048E3;
+  const double small = x + x * z * p / q;
+  const double signed_big = x < 0.0 ? -big : big;
+  return ax < 0.625 ? small : signed_big;
+#endif
+}
 
 template <typename T>
 RNNEXT_HOST_DEVICE T sigmoid(T x) {

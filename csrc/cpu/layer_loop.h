@@ -375,10 +375,20 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(const Tensor& x_in, con
           step.h_out = h_out + ub.j0;
           step.h_out_ld = h_out_ld;
           // Row by row; from a chunk's gi buffer (a strided read that may have left the
-          // cache), fetching the next row's gates while this row's gate math runs.
-          for (int64_t b = 0; b < rows; ++b) {
-            if (b + 1 < rows && !fuse_input) prefetch_gates(step.gi + (b + 1) * GH, G, H, ub.n);
-            Cell::template forward_rows<scalar_t>(step, b, b + 1);
+          // cache), fetching the next row's gates while this row's gate math runs. With one
+          // block for the whole step (its products went to the BLAS on every thread) the rows
+          // are split across threads: float64's gate math (libm's exp and tanh) at B = 32,
+          // H = 256 otherwise took longer on one thread than the products did on two.
+          auto run_rows = [&](int64_t b0, int64_t b1) {
+            for (int64_t b = b0; b < b1; ++b) {
+              if (b + 1 < b1 && !fuse_input) prefetch_gates(step.gi + (b + 1) * GH, G, H, ub.n);
+              Cell::template forward_rows<scalar_t>(step, b, b + 1);
+            }
+          };
+          if (n_blocks == 1) {
+            at::parallel_for(0, rows, row_grain(G * ub.n), run_rows);
+          } else {
+            run_rows(0, rows);
           }
         };
         take_blocks(n_blocks, run_block);
