@@ -1,5 +1,5 @@
 // Every rnnext op schema. Kernels: csrc/cpu/<cell>.cpp (and csrc/cuda/<cell>.cu when built);
-// fake kernels and autograd: rnnext/_ops.py.
+// autograd: csrc/autograd.cpp; fake kernels: rnnext/_ops.py.
 //
 // A layer op runs one layer in one direction over a whole sequence. x is [T, B, I] (padded)
 // or, with batch_sizes [T] (int64, CPU), the [N, I] data of a PackedSequence. `reverse` runs
@@ -93,4 +93,10 @@ TORCH_LIBRARY(rnnext, m) {
         "Tensor w_hh, Tensor? w_hr, Tensor? batch_sizes, bool reverse, bool has_bias, Tensor y, "
         "Tensor workspace, Tensor h0, Tensor c0, bool need_grad_x=True, bool need_grad_weights=True) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Double backward (csrc/autograd.cpp): the gradients of x, h0, c0, w_ih, w_hh, b_ih, b_hh,
+  // w_hr ([0] where absent) through a differentiable torch-op recomputation of the layer, so
+  // that they have a graph themselves. Composite, implemented in Python (rnnext/_ops.py).
+  m.def("layer_grads_with_graph(str cell, Tensor grad_y, Tensor grad_h_n, Tensor? grad_c_n, Tensor x, "
+        "Tensor h0, Tensor? c0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, Tensor? w_hr, "
+        "Tensor? batch_sizes, bool reverse) -> Tensor[]");
 }

@@ -65,10 +65,8 @@ def layer_forward(cell: str, x: Tensor, h0: Tensor, c0: Optional[Tensor], w: Lay
         args = (x, h0, c0, w.w_ih, w.w_hh, w.b_ih, w.b_hh, w.w_hr, batch_sizes, reverse, need_backward)
     else:
         args = (x, h0, w.w_ih, w.w_hh, w.b_ih, w.b_hh, batch_sizes, reverse, need_backward)
-    if _is_compiling():
-        out = op(*args)  # the registered autograd formula, which Dynamo traces
-    elif need_backward:
-        out = _FUNCTIONS[cell].apply(*args)
+    if need_backward or _is_compiling():
+        out = op(*args)
     else:
         # Nothing will be recorded: go straight to the kernel, past the Python autograd
         # formula (about 20 us a call, which matters for short sequences).
@@ -160,98 +158,18 @@ def _register_fakes(cell):
 
 
 # ---------------------------------------------------------------- autograd
-# Forward inputs of each op, in schema order.
-_INPUTS = {
-    "lstm": ("x", "h0", "c0", "w_ih", "w_hh", "b_ih", "b_hh", "w_hr", "batch_sizes", "reverse",
-             "need_backward"),
-}
-for _cell in ("rnn_tanh", "rnn_relu", "gru"):
-    _INPUTS[_cell] = ("x", "h0", "w_ih", "w_hh", "b_ih", "b_hh", "batch_sizes", "reverse", "need_backward")
-_SAVED = ("x", "h0", "c0", "w_ih", "w_hh", "b_ih", "b_hh", "w_hr", "batch_sizes", "y", "ws")
-_WEIGHTS = ("w_ih", "w_hh", "b_ih", "b_hh", "w_hr")
+# The autograd formula of the forward ops is C++ (csrc/autograd.cpp). Its double backward
+# (create_graph=True) calls rnnext::layer_grads_with_graph, implemented here with torch ops.
+_GRAD_KEYS = ("x", "h0", "c0", "w_ih", "w_hh", "b_ih", "b_hh", "w_hr")
 
 
-# Eager-mode autograd.Function of each cell's forward op (see _register_autograd).
-_FUNCTIONS = {}
-
-
-def _register_autograd(cell):
-    names = _INPUTS[cell]
-    is_lstm = cell == "lstm"
-
-    def setup_context(ctx, inputs, output):
-        args = dict(zip(names, inputs))
-        args["y"], args["ws"] = output[0], output[-1]
-        ctx.reverse = args["reverse"]
-        ctx.need_backward = args.get("need_backward", True)
-        ctx.save_for_backward(*(args.get(k) for k in _SAVED))
-        ctx.mark_non_differentiable(output[-1])
-        # Unused outputs get None rather than a materialised zero tensor (the workspace alone
-        # is N x ws_cols); backward fills in the zeros it needs.
-        ctx.set_materialize_grads(False)
-
-    def backward(ctx, *grads):
-        s = dict(zip(_SAVED, ctx.saved_tensors))
-        grad_y, grad_h_n = grads[0], grads[1]
-        grad_c_n = grads[2] if is_lstm else None
-        grad_y = torch.zeros_like(s["y"]) if grad_y is None else grad_y
-        grad_h_n = torch.zeros_like(s["h0"]) if grad_h_n is None else grad_h_n
-        if is_lstm and grad_c_n is None:
-            grad_c_n = torch.zeros_like(s["c0"])
-        w = LayerWeights(s["w_ih"], s["w_hh"], s["b_ih"], s["b_hh"], s["w_hr"])
-        has_bias = w.b_ih is not None
-        if not ctx.need_backward:
-            raise RuntimeError(f"rnnext::{cell}_layer_forward was called with need_backward=False, "
-                               "so it saved nothing to compute gradients from")
-
-        if torch.is_grad_enabled():
-            # A graph of the gradient was asked for (create_graph=True): take the
-            # differentiable path, a torch-op recomputation of this layer.
-            out = _reference_grads(cell, s, w, ctx.reverse, grad_y, grad_h_n, grad_c_n)
-        else:
-            # Only the gradients autograd asks for: grad_x and the weight GEMMs are skipped for
-            # an input that is data and for frozen weights.
-            wanted = dict(zip(names, ctx.needs_input_grad))
-            need_x = wanted["x"]
-            need_weights = any(wanted.get(k, False) for k in _WEIGHTS)
-            if is_lstm:
-                out = _backward_op(cell)(grad_y, grad_h_n, grad_c_n, s["x"], w.w_ih, w.w_hh, w.w_hr,
-                                         s["batch_sizes"], ctx.reverse, has_bias, s["y"], s["ws"], s["h0"],
-                                         s["c0"], need_x, need_weights)
-                gx, gh0, gc0, gw_ih, gw_hh, gb_ih, gb_hh, gw_hr = out
-                out = dict(x=gx, h0=gh0, c0=gc0, w_ih=gw_ih, w_hh=gw_hh, b_ih=gb_ih, b_hh=gb_hh, w_hr=gw_hr)
-            else:
-                out = _backward_op(cell)(grad_y, grad_h_n, s["x"], w.w_ih, w.w_hh, s["batch_sizes"],
-                                         ctx.reverse, has_bias, s["y"], s["ws"], s["h0"], need_x, need_weights)
-                gx, gh0, gw_ih, gw_hh, gb_ih, gb_hh = out
-                out = dict(x=gx, h0=gh0, w_ih=gw_ih, w_hh=gw_hh, b_ih=gb_ih, b_hh=gb_hh)
-            if not need_x:
-                out["x"] = None
-            if not need_weights:
-                for k in _WEIGHTS:
-                    out[k] = None
-        if not has_bias:
-            out["b_ih"] = out["b_hh"] = None
-        if w.w_hr is None:
-            out["w_hr"] = None
-        return tuple(out.get(k) for k in names)
-
-    torch.library.register_autograd(f"rnnext::{cell}_layer_forward", backward,
-                                    setup_context=setup_context)
-
-    # The same formula as a plain autograd.Function, which layer_forward calls in eager mode:
-    # torch.library's generic wrapper spends ~70 us of Python per call (it rebuilds the
-    # schema's argument list and redispatches in Python), as much as a whole small step.
-    op = _forward_op(cell)
-
-    def function_forward(ctx, *inputs):
-        with torch._C._AutoDispatchBelowAutograd():
-            output = op(*inputs)
-        setup_context(ctx, inputs, output)
-        return output
-
-    _FUNCTIONS[cell] = type(f"{cell}_layer", (torch.autograd.Function,),
-                            {"forward": staticmethod(function_forward), "backward": staticmethod(backward)})
+@torch.library.impl("rnnext::layer_grads_with_graph", "CompositeImplicitAutograd")
+def _layer_grads_with_graph(cell, grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr,
+                            batch_sizes, reverse):
+    s = dict(x=x, h0=h0, c0=c0, w_ih=w_ih, w_hh=w_hh, b_ih=b_ih, b_hh=b_hh, w_hr=w_hr, batch_sizes=batch_sizes)
+    w = LayerWeights(w_ih, w_hh, b_ih, b_hh, w_hr)
+    grads = _reference_grads(cell, s, w, reverse, grad_y, grad_h_n, grad_c_n)
+    return [grads[k] if k in grads else x.new_empty((0,)) for k in _GRAD_KEYS]
 
 
 def _reference_grads(cell, s, w, reverse, grad_y, grad_h_n, grad_c_n):
@@ -276,4 +194,3 @@ def _reference_grads(cell, s, w, reverse, grad_y, grad_h_n, grad_c_n):
 
 for _cell in CELLS:
     _register_fakes(_cell)
-    _register_autograd(_cell)
