@@ -1,6 +1,6 @@
 // Autograd of the layer ops, in C++ for every device: the forward op's output gets a graph
 // node whose backward calls the backward op (csrc/rnnext.cpp), asking only for the gradients
-// autograd needs (need_grad_x / need_grad_weights). In Python this formula cost ~70 us per
+// autograd needs (need_grad_x / need_grad_weights / need_grad_h0). In Python this formula cost ~70 us per
 // call (the generic torch.library wrapper, then a Python autograd.Function), more than a
 // whole small time step.
 //
@@ -33,10 +33,10 @@ using LstmForward = std::tuple<Tensor, Tensor, Tensor, Tensor>(const Tensor&, co
                                                                bool, bool);
 using SingleStateBackward = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>(
     const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const OptTensor&, bool, bool,
-    const Tensor&, const Tensor&, const Tensor&, bool, bool);
+    const Tensor&, const Tensor&, const Tensor&, bool, bool, bool);
 using LstmBackward = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>(
     const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const OptTensor&,
-    const OptTensor&, bool, bool, const Tensor&, const Tensor&, const Tensor&, const Tensor&, bool, bool);
+    const OptTensor&, bool, bool, const Tensor&, const Tensor&, const Tensor&, const Tensor&, bool, bool, bool);
 using GradsWithGraph = std::vector<Tensor>(c10::string_view, const Tensor&, const Tensor&, const OptTensor&,
                                            const Tensor&, const Tensor&, const OptTensor&, const Tensor&,
                                            const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&,
@@ -120,7 +120,7 @@ struct LayerFunction : public torch::autograd::Function<LayerFunction> {
       if (is_lstm) {
         static const auto op = typed_op<LstmBackward>(name);
         auto r = op.call(grad_y, grad_h_n, grad_c_n, s[kX], s[kWih], s[kWhh], opt(s[kWhr]), opt(s[kBatchSizes]),
-                         reverse, has_bias, s[kY], s[kWs], s[kH0], s[kC0], need_x, need_weights);
+                         reverse, has_bias, s[kY], s[kWs], s[kH0], s[kC0], need_x, need_weights, needs[kH0]);
         g = {std::get<0>(r), std::get<1>(r), std::get<2>(r), std::get<3>(r),
              std::get<4>(r), std::get<5>(r), std::get<6>(r), std::get<7>(r)};
       } else {
@@ -129,7 +129,7 @@ struct LayerFunction : public torch::autograd::Function<LayerFunction> {
             typed_op<SingleStateBackward>("rnnext::rnn_relu_layer_backward"),
             typed_op<SingleStateBackward>("rnnext::gru_layer_backward")};
         auto r = ops[cell].call(grad_y, grad_h_n, s[kX], s[kWih], s[kWhh], opt(s[kBatchSizes]), reverse, has_bias,
-                                s[kY], s[kWs], s[kH0], need_x, need_weights);
+                                s[kY], s[kWs], s[kH0], need_x, need_weights, needs[kH0]);
         g = {std::get<0>(r), std::get<1>(r), Tensor(), std::get<2>(r),
              std::get<3>(r), std::get<4>(r), std::get<5>(r), Tensor()};
       }

@@ -5,7 +5,7 @@
 //   forward<Cell>(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse, need_backward)
 //     -> (y, h_n, c_n, workspace), c_n undefined without a cell state;
 //   backward<Cell>(grad_y, grad_h_n, grad_c_n, x, w_ih, w_hh, w_hr, batch_sizes, reverse, has_bias,
-//                  y, workspace, h0, c0, need_grad_x, need_grad_weights)
+//                  y, workspace, h0, c0, need_grad_x, need_grad_weights, need_grad_h0)
 //     -> [grad_x, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh, grad_w_hr].
 // Each backend registers &SingleStateOps<Loop, Cell>::forward etc. for its dispatch key.
 //
@@ -56,11 +56,11 @@ struct SingleStateOps {
   static std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward(
       const Tensor& grad_y, const Tensor& grad_h_n, const Tensor& x, const Tensor& w_ih, const Tensor& w_hh,
       const OptTensor& batch_sizes, bool reverse, bool has_bias, const Tensor& y, const Tensor& workspace,
-      const Tensor& h0, bool need_grad_x, bool need_grad_weights) {
+      const Tensor& h0, bool need_grad_x, bool need_grad_weights, bool need_grad_h0) {
     const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
     auto g = Loop::template backward<Cell>(grad_y, grad_h_n, std::nullopt, x, w_ih, w_hh, std::nullopt, batch_sizes,
                                            reverse, has_bias, y, workspace, h0, std::nullopt, need_grad_x,
-                                           need_grad_weights);
+                                           need_grad_weights, need_grad_h0);
     return {g[0], g[1], g[3], g[4], g[5], g[6]};
   }
 };
@@ -82,10 +82,11 @@ struct LstmOps {
       const Tensor& grad_y, const Tensor& grad_h_n, const Tensor& grad_c_n, const Tensor& x, const Tensor& w_ih,
       const Tensor& w_hh, const OptTensor& w_hr, const OptTensor& batch_sizes, bool reverse, bool has_bias,
       const Tensor& y, const Tensor& workspace, const Tensor& h0, const Tensor& c0, bool need_grad_x,
-      bool need_grad_weights) {
+      bool need_grad_weights, bool need_grad_h0) {
     const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
     auto g = Loop::template backward<Cell>(grad_y, grad_h_n, grad_c_n, x, w_ih, w_hh, w_hr, batch_sizes, reverse,
-                                           has_bias, y, workspace, h0, c0, need_grad_x, need_grad_weights);
+                                           has_bias, y, workspace, h0, c0, need_grad_x, need_grad_weights,
+                                           need_grad_h0);
     return {g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7]};
   }
 };

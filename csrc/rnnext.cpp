@@ -9,7 +9,9 @@
 // A backward op returns the gradients of the forward's tensor inputs; a missing bias or
 // projection gets an empty [0] tensor, and so does a gradient not asked for: need_grad_x=false
 // skips grad_x, need_grad_weights=false every weight and bias gradient (their GEMMs are
-// most of a backward: an input that is data, or frozen weights, need not pay for them).
+// most of a backward: an input that is data, or frozen weights, need not pay for them), and
+// need_grad_h0=false grad_h0 (the last step's dh_prev product: a quarter of a one-step
+// backward, for a state that is data).
 #include <Python.h>
 #include <torch/library.h>
 
@@ -66,14 +68,14 @@ TORCH_LIBRARY(rnnext, m) {
   // -> (grad_x, grad_h0, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh)
   m.def("rnn_tanh_layer_backward(Tensor grad_y, Tensor grad_h_n, Tensor x, Tensor w_ih, Tensor w_hh, "
         "Tensor? batch_sizes, bool reverse, bool has_bias, Tensor y, Tensor workspace, Tensor h0, "
-        "bool need_grad_x=True, bool need_grad_weights=True) "
+        "bool need_grad_x=True, bool need_grad_weights=True, bool need_grad_h0=True) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // As rnn_tanh, with relu in place of tanh.
   m.def("rnn_relu_layer_forward(Tensor x, Tensor h0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, "
         "Tensor? batch_sizes, bool reverse, bool need_backward=True) -> (Tensor, Tensor, Tensor)");
   m.def("rnn_relu_layer_backward(Tensor grad_y, Tensor grad_h_n, Tensor x, Tensor w_ih, Tensor w_hh, "
         "Tensor? batch_sizes, bool reverse, bool has_bias, Tensor y, Tensor workspace, Tensor h0, "
-        "bool need_grad_x=True, bool need_grad_weights=True) "
+        "bool need_grad_x=True, bool need_grad_weights=True, bool need_grad_h0=True) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // GRU, gates r, z, n as torch.nn  -> (y, h_n, workspace)
   m.def("gru_layer_forward(Tensor x, Tensor h0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, "
@@ -81,7 +83,7 @@ TORCH_LIBRARY(rnnext, m) {
   // -> (grad_x, grad_h0, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh)
   m.def("gru_layer_backward(Tensor grad_y, Tensor grad_h_n, Tensor x, Tensor w_ih, Tensor w_hh, "
         "Tensor? batch_sizes, bool reverse, bool has_bias, Tensor y, Tensor workspace, Tensor h0, "
-        "bool need_grad_x=True, bool need_grad_weights=True) "
+        "bool need_grad_x=True, bool need_grad_weights=True, bool need_grad_h0=True) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // LSTM, gates i, f, g, o as torch.nn; w_hr [proj_size, H] projects h  -> (y, h_n, c_n, workspace)
   m.def("lstm_layer_forward(Tensor x, Tensor h0, Tensor c0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, "
@@ -91,7 +93,8 @@ TORCH_LIBRARY(rnnext, m) {
   // -> (grad_x, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh, grad_w_hr)
   m.def("lstm_layer_backward(Tensor grad_y, Tensor grad_h_n, Tensor grad_c_n, Tensor x, Tensor w_ih, "
         "Tensor w_hh, Tensor? w_hr, Tensor? batch_sizes, bool reverse, bool has_bias, Tensor y, "
-        "Tensor workspace, Tensor h0, Tensor c0, bool need_grad_x=True, bool need_grad_weights=True) "
+        "Tensor workspace, Tensor h0, Tensor c0, bool need_grad_x=True, bool need_grad_weights=True, "
+        "bool need_grad_h0=True) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // Double backward (csrc/autograd.cpp): the gradients of x, h0, c0, w_ih, w_hh, b_ih, b_hh,
   // w_hr ([0] where absent) through a differentiable torch-op recomputation of the layer, so

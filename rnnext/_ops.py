@@ -120,12 +120,13 @@ def _fake_forward(cell, x, h0, c0, w_ih, w_hh, w_hr, need_backward):
     return y, h_n, ws
 
 
-def _fake_backward(cell, grad_h_n, grad_c_n, x, w_ih, w_hh, w_hr, has_bias, need_grad_x, need_grad_weights):
+def _fake_backward(cell, grad_h_n, grad_c_n, x, w_ih, w_hh, w_hr, has_bias, need_grad_x, need_grad_weights,
+                   need_grad_h0):
     def like(t, wanted=True):
         return t.new_empty(t.shape) if wanted and t is not None else x.new_empty((0,))
 
     bias = (lambda: x.new_empty((w_ih.shape[0],))) if has_bias and need_grad_weights else (lambda: x.new_empty((0,)))
-    grads = [like(x, need_grad_x), like(grad_h_n)]
+    grads = [like(x, need_grad_x), like(grad_h_n, need_grad_h0)]
     if cell == "lstm":
         grads.append(like(grad_c_n))
     grads += [like(w_ih, need_grad_weights), like(w_hh, need_grad_weights), bias(), bias()]
@@ -142,9 +143,9 @@ def _register_fakes(cell):
 
         @torch.library.register_fake("rnnext::lstm_layer_backward")
         def _(grad_y, grad_h_n, grad_c_n, x, w_ih, w_hh, w_hr, batch_sizes, reverse, has_bias, y, ws, h0, c0,
-              need_grad_x=True, need_grad_weights=True):
+              need_grad_x=True, need_grad_weights=True, need_grad_h0=True):
             return _fake_backward(cell, grad_h_n, grad_c_n, x, w_ih, w_hh, w_hr, has_bias, need_grad_x,
-                                  need_grad_weights)
+                                  need_grad_weights, need_grad_h0)
     else:
         @torch.library.register_fake(f"rnnext::{cell}_layer_forward")
         def _(x, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, need_backward=True):
@@ -152,9 +153,9 @@ def _register_fakes(cell):
 
         @torch.library.register_fake(f"rnnext::{cell}_layer_backward")
         def _(grad_y, grad_h_n, x, w_ih, w_hh, batch_sizes, reverse, has_bias, y, ws, h0, need_grad_x=True,
-              need_grad_weights=True):
+              need_grad_weights=True, need_grad_h0=True):
             return _fake_backward(cell, grad_h_n, None, x, w_ih, w_hh, None, has_bias, need_grad_x,
-                                  need_grad_weights)
+                                  need_grad_weights, need_grad_h0)
 
 
 # ---------------------------------------------------------------- autograd

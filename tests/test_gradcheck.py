@@ -146,31 +146,33 @@ def test_backward_op_output_shapes(cell, bias, reverse, proj, device):
     assert all(g.device == fwd[0].device and g.dtype == fwd[0].dtype for g in grads)
 
 
-# need_grad_x / need_grad_weights: a gradient not asked for comes back as [0] and its GEMM is
-# skipped; the gradients that are asked for have the same bits as with everything asked for.
-MASKS = [(False, True), (True, False), (False, False)]
+# need_grad_x / need_grad_weights / need_grad_h0: a gradient not asked for comes back as [0]
+# and its GEMM is skipped; the gradients that are asked for have the same bits as with
+# everything asked for.
+MASKS = [(False, True, True), (True, False, True), (False, False, True), (True, True, False),
+         (False, False, False)]
 MASK_CASES = [(c, m) for c in (x.values for x in CASES) for m in MASKS]
 
 
 def _mask_id(case):
-    (cell, bias, reverse, proj), (need_x, need_w) = case
+    (cell, bias, reverse, proj), (need_x, need_w, need_h0) = case
     return f"{cell}-{'bias' if bias else 'nobias'}-{'rev' if reverse else 'fwd'}{'-proj' if proj else ''}" \
-           f"-x{int(need_x)}w{int(need_w)}"
+           f"-x{int(need_x)}w{int(need_w)}h{int(need_h0)}"
 
 
 @pytest.mark.parametrize("case", MASK_CASES, ids=[_mask_id(c) for c in MASK_CASES])
 def test_backward_op_skips_gradients_not_asked_for(case, device):
-    (cell, bias, reverse, proj), (need_x, need_w) = case
+    (cell, bias, reverse, proj), (need_x, need_w, need_h0) = case
     args = backward_args(cell, bias=bias, reverse=reverse, proj=proj, device=device)
     full = backward_op(cell)(*args)
-    masked = backward_op(cell)(*args, need_x, need_w)
-    # Positions of grad_x, the state gradients, and the weight/bias gradients.
+    masked = backward_op(cell)(*args, need_x, need_w, need_h0)
+    # Positions: grad_x, grad_h0, (grad_c0,) then the weight and bias gradients.
     n_states = 2 if cell == "lstm" else 1
     for i, (f, m) in enumerate(zip(full, masked)):
-        wanted = need_x if i == 0 else (True if i <= n_states else need_w)
+        wanted = need_x if i == 0 else need_h0 if i == 1 else (True if i <= n_states else need_w)
         if wanted:
             assert torch.equal(f, m), i
         else:
             assert m.shape == (0,), i
-    _opcheck_ok(torch.library.opcheck(backward_op(cell), args + (need_x, need_w),
+    _opcheck_ok(torch.library.opcheck(backward_op(cell), args + (need_x, need_w, need_h0),
                                       test_utils=("test_schema", "test_faketensor")))

@@ -260,13 +260,31 @@ class _BackwardOpFlags(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.calls = []
+        self.h0_flags = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if "rnnext" in str(func) and "layer_backward" in str(func):
             # Arguments left at their defaults (True) may not be passed.
             given = dict(zip([a.name for a in func._schema.arguments], args), **(kwargs or {}))
             self.calls.append((given.get("need_grad_x", True), given.get("need_grad_weights", True)))
+            self.h0_flags.append(given.get("need_grad_h0", True))
         return func(*args, **(kwargs or {}))
+
+
+def test_state_that_is_data_skips_its_gradient(device):
+    """hx that is data (or absent): the backward op is told need_grad_h0=False, and every
+    gradient that is asked for still matches torch.nn."""
+    ref, ours = make_pair("GRU", 5, 7, dtype=F64, via="from_torch", device=device, num_layers=2)
+    x = torch.randn(4, 3, 5, dtype=F64).to(device)
+    h0 = torch.randn(2, 3, 7, dtype=F64).to(device)
+    grads = []
+    for m in (ref, ours):
+        with _BackwardOpFlags() as flags:
+            weighted_loss([m(x, h0)[0]]).backward()
+        grads.append([p.grad for p in m.parameters()])
+    assert flags.h0_flags == [False, False]
+    for r, o in zip(*grads):
+        torch.testing.assert_close(o, r, **tolerance(device, F64))
 
 
 # The backward op computes grad_x only when the input requires grad, and the weight
@@ -294,6 +312,7 @@ def test_gradients_only_where_asked(kind, frozen, device):
     # reads x, which only a frozen model differentiates; layer 1's input always needs a grad.
     assert sorted(flags.calls[:2]) == [(True, not frozen)] * 2
     assert sorted(flags.calls[2:]) == [(frozen, not frozen)] * 2
+    assert flags.h0_flags == [True] * 4  # h0 requires grad: every layer's slice does
     for name, r, o in zip(["x", "h0"] + [n for n, _ in ref.named_parameters()], *grads):
         assert (r is None) == (o is None), name
         if r is not None:

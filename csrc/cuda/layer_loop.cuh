@@ -302,7 +302,8 @@ std::vector<Tensor> layer_backward(const Tensor& grad_y_in, const Tensor& grad_h
                                    const Tensor& x_in, const Tensor& w_ih, const Tensor& w_hh,
                                    const OptTensor& w_hr, const OptTensor& batch_sizes, bool reverse,
                                    bool has_bias, const Tensor& y_in, const Tensor& ws_in, const Tensor& h0,
-                                   const OptTensor& c0, bool need_grad_x, bool need_grad_weights) {
+                                   const OptTensor& c0, bool need_grad_x, bool need_grad_weights,
+                                   bool need_grad_h0) {
   const LayerSizes sz = check_backward_args<Cell>(kCudaBackend, grad_y_in, grad_h_n, grad_c_n, x_in, w_ih, w_hh,
                                                   w_hr, batch_sizes, y_in, ws_in, h0, c0);
   const c10::cuda::CUDAGuard guard(x_in.device());
@@ -387,9 +388,11 @@ std::vector<Tensor> layer_backward(const Tensor& grad_y_in, const Tensor& grad_h
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
       // dh_prev (+)= d_gh @ W_hh: [rows, G*H] x [G*H, Hout]; the GRU's direct z * dh term is
-      // already in dh_state.
-      gemm_rows<T>(blas, rows, Hout, GH, step.d_gh, GH, w_hh_c.data_ptr<T>(), Hout, false, Cell::kDirectHiddenGrad,
-                   dh_state_ptr, Hout);
+      // already in dh_state. After the last step it would only be grad_h0.
+      if (s + 1 < st.T || need_grad_h0) {
+        gemm_rows<T>(blas, rows, Hout, GH, step.d_gh, GH, w_hh_c.data_ptr<T>(), Hout, false, Cell::kDirectHiddenGrad,
+                     dh_state_ptr, Hout);
+      }
     }
   });
 
@@ -402,7 +405,8 @@ std::vector<Tensor> layer_backward(const Tensor& grad_y_in, const Tensor& grad_h
   } else {
     for (int i = 0; i < 5; ++i) w_grads.push_back(x.new_empty({0}));  // distinct: outputs must not alias
   }
-  return {grad_x, dh_state, dc_state, w_grads[0], w_grads[1], w_grads[2], w_grads[3], w_grads[4]};
+  return {grad_x, need_grad_h0 ? dh_state : x.new_empty({0}), dc_state, w_grads[0], w_grads[1], w_grads[2],
+          w_grads[3], w_grads[4]};
 }
 
 // The CUDA time loop, as ../layer_ops.h takes it.
