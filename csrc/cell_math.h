@@ -17,6 +17,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #if defined(__CUDACC__)
 #define RNNEXT_HOST_DEVICE __host__ __device__ __forceinline__
@@ -29,34 +30,24 @@ namespace math {
 
 // exp and tanh. On the device: the CUDA math library. On the host: branch-free Cephes-style
 // versions (range reduction x = n ln2 + r, a polynomial (float) or rational (double) e^r,
-// times 2^n; about 1.5 ulp) that compilers vectorise, unlike a call into libm, so the
-// pointwise passes run at SIMD width. Past the range of normal results they return what
-// libm does: +inf above log(max), 0 below log(min normal) (a subnormal there would differ
-// from 0 by less than 1e-38 in float, 1e-307 in double); NaN propagates. No NaN or
-// out-of-range value is ever converted to an integer.
-
-// 2^k for an integer-valued k in [-126, 127] (float) or [-1022, 1023] (double), from the
-// exponent bits. k + 1.5 * 2^23 (2^52) holds k in its low mantissa bits: no float-to-int
-// conversion (AVX2 has none for 64-bit lanes).
-RNNEXT_HOST_DEVICE float pow2_(float k) {
-  constexpr float kRound = 12582912.0f;  // 1.5 * 2^23
-  const float shifted = k + kRound;
-  int32_t k_bits, round_bits;
-  memcpy(&k_bits, &shifted, sizeof(k_bits));
+// times 2^n made from the exponent bits; about 1.5 ulp) that compilers vectorise, unlike a
+// call into libm, so the pointwise passes run at SIMD width. x is clamped so that n stays in
+// [-127, 128] (float) or [-1023, 1024] (double), whose exponent bits are those of 0 and of
+// +inf: the result saturates to 0 and to +inf as libm's does (slightly early: from
+// x = 88.38 rather than 88.72 in float, 709.09 rather than 709.78 in double), so a gate
+// that saturates is exactly 0 or 1 and 0 * inf gives NaN where torch's does. n comes out of
+// the rounding constant's low bits (n + 1.5 * 2^23, or 2^52, holds n there): no float is
+// converted to an integer (nor a NaN: for a NaN x, e_r is NaN and so is the result).
+template <typename T, typename Bits, int kMantissa, int kBias>
+RNNEXT_HOST_DEVICE T pow2_(T n) {
+  constexpr T kRound = T(3) * T(Bits(1) << (kMantissa - 1));  // 1.5 * 2^kMantissa
+  const T shifted = n + kRound;
+  Bits n_bits, round_bits;
+  memcpy(&n_bits, &shifted, sizeof(n_bits));
   memcpy(&round_bits, &kRound, sizeof(round_bits));
-  const int32_t bits = static_cast<int32_t>(static_cast<uint32_t>(k_bits - round_bits + 127) << 23);
-  float out;
-  memcpy(&out, &bits, sizeof(out));
-  return out;
-}
-RNNEXT_HOST_DEVICE double pow2_(double k) {
-  constexpr double kRound = 6755399441055744.0;  // 1.5 * 2^52
-  const double shifted = k + kRound;
-  int64_t k_bits, round_bits;
-  memcpy(&k_bits, &shifted, sizeof(k_bits));
-  memcpy(&round_bits, &kRound, sizeof(round_bits));
-  const int64_t bits = static_cast<int64_t>(static_cast<uint64_t>(k_bits - round_bits + 1023) << 52);
-  double out;
+  using UBits = typename std::make_unsigned<Bits>::type;
+  const Bits bits = static_cast<Bits>(static_cast<UBits>(n_bits - round_bits + kBias) << kMantissa);
+  T out;
   memcpy(&out, &bits, sizeof(out));
   return out;
 }
@@ -65,18 +56,14 @@ RNNEXT_HOST_DEVICE float exp_(float x) {
 #if defined(__CUDA_ARCH__)
   return expf(x);
 #else
-  constexpr float kHigh = 88.72283935546875f;   // log(FLT_MAX)
-  constexpr float kLow = -87.33654022216797f;   // log(FLT_MIN), the smallest normal
-  const float xc = x < kLow ? kLow : (x > kHigh ? kHigh : x);  // NaN stays NaN
-  float n = floorf(xc * 1.44269504088896341f + 0.5f);
-  const float r = xc - n * 0.693359375f + n * 2.12194440e-4f;  // x - n ln2 in two parts
+  constexpr float kHigh = 88.72283935546875f;  // log(FLT_MAX): n = 128 from here on
+  constexpr float kLow = -88.0296919311f;      // n = -127 (a result of 0) below
+  x = x < kLow ? kLow : (x > kHigh ? kHigh : x);  // NaN stays NaN
+  const float n = floorf(x * 1.44269504088896341f + 0.5f);
+  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;  // x - n ln2 in two parts
   const float p = ((((1.9875691500e-4f * r + 1.3981999507e-3f) * r + 8.3334519073e-3f) * r + 4.1665795894e-2f) * r +
                    1.6666665459e-1f) * r + 5.0000001201e-1f;
-  const float e_r = p * r * r + r + 1.0f;  // NaN for a NaN x
-  n = n == n ? n : 0.f;                    // n in [-126, 128]: 2^n as 2^h 2^(n-h)
-  const float h = floorf(n * 0.5f);
-  const float e = e_r * pow2_(h) * pow2_(n - h);
-  return x > kHigh ? HUGE_VALF : (x < kLow ? 0.f : e);
+  return (p * r * r + r + 1.0f) * pow2_<float, int32_t, 23, 127>(n);
 #endif
 }
 
@@ -85,20 +72,16 @@ RNNEXT_HOST_DEVICE double exp_(double x) {
 #if defined(__CUDA_ARCH__)
   return exp(x);
 #else
-  constexpr double kHigh = 709.782712893383973096;   // log(DBL_MAX)
-  constexpr double kLow = -708.396418532264106224;   // log(DBL_MIN), the smallest normal
-  const double xc = x < kLow ? kLow : (x > kHigh ? kHigh : x);  // NaN stays NaN
-  double n = floor(xc * 1.4426950408889634073599 + 0.5);
-  const double r = xc - n * 6.93145751953125E-1 - n * 1.42860682030941723212E-6;
+  constexpr double kHigh = 709.782712893383973096;  // log(DBL_MAX): n = 1024 from here on
+  constexpr double kLow = -709.436139303104;        // n = -1023 (a result of 0) below
+  x = x < kLow ? kLow : (x > kHigh ? kHigh : x);    // NaN stays NaN
+  const double n = floor(x * 1.4426950408889634073599 + 0.5);
+  const double r = x - n * 6.93145751953125E-1 - n * 1.42860682030941723212E-6;
   const double rr = r * r;
   const double px = r * ((1.26177193074810590878E-4 * rr + 3.02994407707441961300E-2) * rr + 9.99999999999999999910E-1);
   const double qx = ((3.00198505138664455042E-6 * rr + 2.52448340349684104192E-3) * rr + 2.27265548208155028766E-1) * rr +
                     2.00000000000000000009E0;
-  const double e_r = 1.0 + 2.0 * px / (qx - px);  // NaN for a NaN x
-  n = n == n ? n : 0.0;                             // n in [-1022, 1024]: 2^n as 2^h 2^(n-h)
-  const double h = floor(n * 0.5);
-  const double e = e_r * pow2_(h) * pow2_(n - h);
-  return x > kHigh ? HUGE_VAL : (x < kLow ? 0.0 : e);
+  return (1.0 + 2.0 * px / (qx - px)) * pow2_<double, int64_t, 52, 1023>(n);
 #endif
 }
 
