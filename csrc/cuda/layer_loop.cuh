@@ -398,15 +398,9 @@ std::vector<Tensor> layer_backward(const Tensor& grad_y_in, const Tensor& grad_h
 
   // grad_x and the weight gradients: one GEMM each over all steps, no per-step accumulation.
   Tensor grad_x = need_grad_x ? at::mm(d_gi, w_ih).view(x_in.sizes()) : x.new_empty({0});
-  std::vector<Tensor> w_grads;
-  if (need_grad_weights) {
-    w_grads = weight_grads(d_gi, d_gh, x, h_prev_all, has_bias, sz.proj ? OptTensor(dh_all) : std::nullopt,
-                           sz.proj ? OptTensor(ws.narrow(1, r_col, H)) : std::nullopt);
-  } else {
-    for (int i = 0; i < 5; ++i) w_grads.push_back(x.new_empty({0}));  // distinct: outputs must not alias
-  }
-  return {grad_x, need_grad_h0 ? dh_state : x.new_empty({0}), dc_state, w_grads[0], w_grads[1], w_grads[2],
-          w_grads[3], w_grads[4]};
+  return backward_outputs(grad_x, dh_state, dc_state, need_grad_h0, need_grad_weights, d_gi, d_gh, x, h_prev_all,
+                          has_bias, sz.proj ? OptTensor(dh_all) : std::nullopt,
+                          sz.proj ? OptTensor(ws.narrow(1, r_col, H)) : std::nullopt);
 }
 
 // The CUDA time loop, as ../layer_ops.h takes it.
