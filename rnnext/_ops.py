@@ -1,4 +1,5 @@
-"""Typed wrappers over ``torch.ops.rnnext.*``, with their fake kernels and autograd.
+"""Typed wrappers over ``torch.ops.rnnext.*``, with their fake kernels and the torch-op
+recomputation behind double backward (the autograd formula itself is C++: csrc/autograd.cpp).
 
 One op runs one layer in one direction over a whole sequence (schemas: csrc/rnnext.cpp).
 ``layer_forward`` is the single entry point the rest of the package uses.

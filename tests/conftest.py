@@ -11,6 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from rnnext.parity import strict_fp32
+
 NO_CUDA = "no CUDA device"
 
 
@@ -34,11 +36,7 @@ def cuda_device() -> str:
 
 @pytest.fixture(autouse=True)
 def _full_fp32_on_cuda():
-    """torch.nn's CUDA results are the oracle: no TF32 in cuDNN's RNN or in cuBLAS GEMMs."""
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
+    """torch.nn's CUDA results are the oracle: no TF32 in cuDNN's RNN or in cuBLAS GEMMs
+    (the same switch as `python -m rnnext check --device cuda`)."""
+    with strict_fp32("cuda"):
         yield
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
