@@ -17,6 +17,7 @@
 
 #include <cstring>
 
+#include "cpu/packed_gemm.h"
 #include "workspace.h"
 
 namespace {
@@ -47,7 +48,27 @@ PyObject* built_with_cuda(PyObject*, PyObject*) {
 #endif
 }
 
+// _C.own_gemm(name=None) -> the name of the kernel the CPU ops' per-step float32 GEMM uses
+// from the next op call on ("avx512", "avx2" or "blas": see csrc/cpu/packed_gemm.h); with a
+// name ("auto", "avx512", "avx2", "blas") it sets it first. ValueError for an unknown name
+// or a kernel this CPU lacks. Tests force each route with it; RNNEXT_OWN_GEMM sets it at load.
+PyObject* own_gemm(PyObject*, PyObject* args) {
+  namespace pg = rnnext::cpu::packed_gemm;
+  const char* name = nullptr;
+  if (!PyArg_ParseTuple(args, "|z:own_gemm", &name)) return nullptr;
+  try {
+    if (name != nullptr) pg::set_kernel(pg::parse_kernel(name, "own_gemm"));
+    return PyUnicode_FromString(pg::kernel_name(pg::kernel()));
+  } catch (const c10::ValueError& e) {
+    PyErr_SetString(PyExc_ValueError, e.what_without_backtrace());
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what());
+  }
+  return nullptr;
+}
+
 PyMethodDef methods[] = {
+    {"own_gemm", own_gemm, METH_VARARGS, "get (or set, given a name) the CPU per-step GEMM kernel"},
     {"workspace_blocks", workspace_blocks, METH_O, "workspace blocks of H columns of a cell (csrc/workspace.h)"},
     {"built_with_cuda", built_with_cuda, METH_NOARGS, "whether this build has the CUDA kernels"},
     {nullptr, nullptr, 0, nullptr},
@@ -62,6 +83,9 @@ extern "C" PyObject* PyInit__C(void) {
 }
 
 TORCH_LIBRARY(rnnext, m) {
+  // Tests only: (accumulate ? c : 0) + a @ w^T, float32, through the CPU per-step GEMM route
+  // named ("avx512", "avx2", "blas" or "auto"; csrc/cpu/step_gemm.cpp).
+  m.def("_step_gemm(Tensor a, Tensor w, Tensor c, str route, bool accumulate) -> Tensor");
   // h_t = tanh(x_t W_ih^T + b_ih + h_{t-1} W_hh^T + b_hh)  -> (y, h_n, workspace)
   m.def("rnn_tanh_layer_forward(Tensor x, Tensor h0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, "
         "Tensor? batch_sizes, bool reverse, bool need_backward=True) -> (Tensor, Tensor, Tensor)");

@@ -9,8 +9,9 @@
 //    exports no such symbol, it falls back to at::mm_out/addmm_ on views of the same memory.
 //  * StepWeight: x @ W^T for a weight used at every time step (W_hh, W_ih slices forward,
 //    W_hh^T backward) or every chunk of steps, prepared once per op call: float32 packed for
-//    our AVX2 kernel (packed_gemm.h) at up to 256 rows per call, or into MKL's panel layout
-//    (cblas_sgemm_pack) beyond; transposed for small_gemm_nn at a few rows; else plain BLAS.
+//    our AVX-512 or AVX2 kernel (packed_gemm.h) at up to 4096 / 256 rows per call, or into
+//    MKL's panel layout (cblas_sgemm_pack) beyond; transposed for small_gemm_nn at a few
+//    rows; else plain BLAS.
 //  * OneDnnLinear: x @ W^T through oneDNN (torch's mkldnn::_linear_pointwise) with W
 //    prepacked once per op call, for the one-shot grad of x in backward; each call costs
 //    ~15 us, so only large float32 products take this route.
@@ -170,9 +171,9 @@ inline const Api& api() {
 
 // C[rows, n] = A[rows, k] @ W^T (+ C) for one weight W [n, k] multiplied many times (once
 // per time step, or once per chunk of steps). How is chosen once, at construction: for
-// float32 with AVX2, our packed GEMM (packed_gemm.h) for step-sized products, MKL's packed
-// GEMM for chunk-sized ones (rows_per_call large: MKL's own threading and blocking win
-// there); small_gemm_nn on W^T for a few rows; otherwise the plain gemm(). A weight used for
+// float32 with AVX-512 or AVX2, our packed GEMM (packed_gemm.h) for step-sized products
+// (and, with AVX-512, chunk-sized ones: max_own_gemm_rows), MKL's packed GEMM for larger
+// ones (MKL's own threading and blocking win there); small_gemm_nn on W^T for a few rows; otherwise the plain gemm(). A weight used for
 // fewer than kMinUsesToPack products (a sequence of one or two steps: a *Cell call, a decoder
 // step) is not packed or transposed at all: the copy would cost about what the products do.
 template <typename T>
@@ -184,10 +185,12 @@ class StepWeight {
   StepWeight(const at::Tensor& w, int64_t max_rows, int64_t uses = kMinUsesToPack)
       : n_(w.size(0)), k_(w.size(1)), stored_transposed_(!w.is_contiguous() && w.t().is_contiguous()) {
     const bool fits_int = max_rows < INT_MAX && n_ < INT_MAX && k_ < INT_MAX;
+    const packed_gemm::Kernel own_kernel = packed_gemm::kernel();
     if (uses < kMinUsesToPack) {
       w_ = stored_transposed_ ? w.t() : w.contiguous();
-    } else if (std::is_same_v<T, float> && max_rows <= kMaxOwnGemmRows && packed_gemm::supported() &&
-               own_enabled()) {
+    } else if (std::is_same_v<T, float> && own_kernel != packed_gemm::Kernel::kNone &&
+               max_rows <= max_own_gemm_rows(own_kernel)) {
+      kernel_ = own_kernel;
       w_ = at::empty({packed_gemm::packed_size(n_, k_)}, w.options());
       packed_gemm::pack(reinterpret_cast<const float*>(w.data_ptr()), n_, k_, w.stride(0), w.stride(1),
                         reinterpret_cast<float*>(w_.data_ptr()));
@@ -216,7 +219,7 @@ class StepWeight {
     const T* w = w_.data_ptr<T>();
     if (own_) {
       if constexpr (std::is_same_v<T, float>) {
-        packed_gemm::multiply(rows, n_, k_, a, lda, w, accumulate, c, ldc, streaming_);
+        packed_gemm::multiply(kernel_, rows, n_, k_, a, lda, w, accumulate, c, ldc, streaming_);
       }
     } else if (small_) {
       small_gemm_nn<T>(rows, n_, k_, a, lda, w, n_, accumulate, c, ldc);
@@ -244,20 +247,17 @@ class StepWeight {
   // what else each step reads); only our packed GEMM acts on it.
   void set_streaming(bool on) { streaming_ = on; }
 
-  // Products of more rows per call than this go to the BLAS.
-  static constexpr int64_t kMaxOwnGemmRows = 256;
+  // Products of more rows per call than this go to the BLAS: 256 for the AVX2 kernel; 4096
+  // for the AVX-512 one, which keeps up with MKL (on AMD CPUs MKL runs its AVX2 code) at the
+  // chunk-sized products of the input projection (one Zen 4 thread, GFLOP/s, ours / MKL:
+  // [1024, 256] x [256, 1024] 113 / 94, [2048, 256] x [256, 768] 105 / 96, [4096, 1024] x
+  // [1024, 1024] 91 / 93).
+  static int64_t max_own_gemm_rows(packed_gemm::Kernel kernel) {
+    return kernel == packed_gemm::Kernel::kAvx512 ? 4096 : 256;
+  }
 
   // Fewer products than this take the weight as it is (see the class comment).
   static constexpr int64_t kMinUsesToPack = 3;
-
-  // RNNEXT_OWN_GEMM=0 keeps every product on the BLAS routes (for comparisons).
-  static bool own_enabled() {
-    static const bool on = [] {
-      const char* env = std::getenv("RNNEXT_OWN_GEMM");
-      return !(env && std::string(env) == "0");
-    }();
-    return on;
-  }
 
   // RNNEXT_MKL_PACKED=0 keeps the plain sgemm (for comparisons).
   static bool packed_enabled() {
@@ -272,6 +272,7 @@ class StepWeight {
   int64_t n_, k_;
   bool stored_transposed_;
   at::Tensor w_;
+  packed_gemm::Kernel kernel_ = packed_gemm::Kernel::kNone;
   bool own_ = false, small_ = false, packed_ = false, streaming_ = false;
 };
 
@@ -281,7 +282,9 @@ class OneDnnLinear {
  public:
   // Products of at least kMinWork multiply-adds per call go to oneDNN, where its speed pays
   // for its call cost; above kMaxWork (one-shot products of several GFLOP, e.g. the input
-  // projection of a large layer) the BLAS measured faster on the AVX2 machines we bench.
+  // projection of a large layer) the BLAS measured faster on the AVX2 machines we bench,
+  // but not with AVX-512, which oneDNN uses and torch's MKL does not on AMD CPUs (Zen 4, 2
+  // threads, [3200, 4096] x [4096, 1024]: oneDNN 194-198 GFLOP/s, MKL 154-172).
   static constexpr int64_t kMinWork = int64_t(1) << 22;
   static constexpr int64_t kMaxWork = int64_t(1) << 32;
 
@@ -291,8 +294,9 @@ class OneDnnLinear {
 
   OneDnnLinear(const at::Tensor& w, int64_t batch_hint, int64_t rows_for_work) {
     const int64_t work = rows_for_work * w.size(0) * w.size(1);
-    if (w.scalar_type() != at::kFloat || rows_for_work < kMinRows || work < kMinWork || work > kMaxWork ||
-        !enabled()) {
+    const bool avx512 = packed_gemm::cpu_supports(packed_gemm::Kernel::kAvx512);
+    if (w.scalar_type() != at::kFloat || rows_for_work < kMinRows || work < kMinWork ||
+        (work > kMaxWork && !avx512) || !enabled()) {
       return;
     }
     static const auto reorder = c10::Dispatcher::singleton().findOp({"mkldnn::_reorder_linear_weight", ""});

@@ -177,8 +177,9 @@ inline bool fuse_input_product(int64_t B, int64_t n_blocks) { return B >= kFuseI
 
 // Weights read per forward step from this many bytes on are taken to stream from memory
 // (half the 32 MiB L3 of the machine we bench; the rest of a step's data shares it):
-// StepWeight::set_streaming. Measured: LSTM and GRU at H=1024 (32 and 24 MiB per step)
-// gain 4-12 %; RNN at H=1024 and LSTM at H=512 (8 MiB) do not. The backward's W_hh^T product
+// StepWeight::set_streaming (the AVX2 kernel's prefetch; the AVX-512 one measured better
+// without). Measured on Zen 3: LSTM and GRU at H=1024 (32 and 24 MiB per step) gain 4-12 %;
+// RNN at H=1024 and LSTM at H=512 (8 MiB) do not. The backward's W_hh^T product
 // measured no gain either, so it keeps the default. RNNEXT_STREAMING_BYTES=n sets the bound
 // instead (read at every call: comparisons, and the tests' small shapes).
 constexpr int64_t kStreamingWeightBytes = int64_t(16) << 20;

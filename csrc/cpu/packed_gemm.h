@@ -7,29 +7,38 @@
 // product at ~70 (and [32, 256] x [256, 1024] at ~85 against MKL's ~60).
 //
 // Layout (Goto-style, one level): K is cut into blocks of kKc; within a block, W^T is cut
-// into strips of kNr = 16 columns, each stored [kc][16] contiguously (16 KiB: one strip stays
-// in L1 while every row block of A streams past it). The last strip is zero-padded. The
-// micro-kernel keeps a [kMr = 6, 16] tile of C in 12 AVX2 registers, and per k broadcasts 6
-// values of A against 2 vectors of the strip (12 FMAs).
+// into strips of kNr = 16 columns, each stored [kc][16] contiguously (16 KiB), and a block's
+// strips follow each other. The last strip is zero-padded. Two micro-kernels read it:
+//  * AVX2: a [kMr = 6, 16] tile of C in 12 registers; per k, 6 broadcasts of A against the
+//    strip's 2 vectors (12 FMAs). One strip stays in L1 while every row block streams past.
+//  * AVX-512: a [r <= 12, 32] tile (two adjacent strips, 24 of the 32 registers); per k,
+//    r broadcasts against 2 vectors (2r FMAs): half the loads of A per multiply-add, and
+//    half the instructions. A last partial strip is read and written through lane masks.
 //
 // Sum order: per element, each K block is summed from zero in p order, then added to C (to
 // the previous blocks' sum, or to C's old value when accumulating). It depends on neither
-// m nor the thread split, so results are bit-for-bit the same however the work is divided.
+// m, nor the thread split, nor the kernel, so results are bit-for-bit the same however the
+// work is divided and whichever kernel runs.
 //
-// x86-64 with AVX2+FMA only (checked at run time); elsewhere StepWeight keeps the BLAS.
+// x86-64 with AVX2+FMA (checked at run time) at least; elsewhere StepWeight keeps the BLAS.
+// The kernel is the widest the CPU has unless RNNEXT_OWN_GEMM says otherwise (kernel()).
 #pragma once
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
+#include <string>
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
 #define RNNEXT_HAVE_PACKED_GEMM 1
 #define RNNEXT_AVX2 __attribute__((target("avx2,fma")))
+#define RNNEXT_AVX512 __attribute__((target("avx512f,avx2,fma")))
 #else
 #define RNNEXT_HAVE_PACKED_GEMM 0
 #endif
@@ -40,14 +49,59 @@ namespace packed_gemm {
 
 constexpr int64_t kKc = 256, kNr = 16, kMr = 6;
 
-inline bool supported() {
+// Which micro-kernel multiply() runs. kNone: the own GEMM is off (StepWeight uses the BLAS).
+enum class Kernel : int { kNone = 0, kAvx2 = 1, kAvx512 = 2 };
+
+inline const char* kernel_name(Kernel k) {
+  return k == Kernel::kAvx512 ? "avx512" : k == Kernel::kAvx2 ? "avx2" : "blas";
+}
+
+inline bool cpu_supports(Kernel k) {
 #if RNNEXT_HAVE_PACKED_GEMM
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return ok;
+  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  static const bool avx512 = avx2 && __builtin_cpu_supports("avx512f");
+  return k == Kernel::kNone || (k == Kernel::kAvx2 && avx2) || (k == Kernel::kAvx512 && avx512);
 #else
-  return false;
+  return k == Kernel::kNone;
 #endif
 }
+
+inline Kernel widest_kernel() {
+  return cpu_supports(Kernel::kAvx512) ? Kernel::kAvx512 : cpu_supports(Kernel::kAvx2) ? Kernel::kAvx2 : Kernel::kNone;
+}
+
+// "auto" (the widest this CPU has), "avx512", "avx2" or "blas" (also "0": the own GEMM off)
+// -> the kernel; an unknown name, or a kernel this CPU lacks, is an error naming both.
+inline Kernel parse_kernel(const std::string& name, const char* what) {
+  Kernel k;
+  if (name.empty() || name == "auto" || name == "1") {
+    k = widest_kernel();
+  } else if (name == "avx512") {
+    k = Kernel::kAvx512;
+  } else if (name == "avx2") {
+    k = Kernel::kAvx2;
+  } else if (name == "blas" || name == "0") {
+    k = Kernel::kNone;
+  } else {
+    TORCH_CHECK_VALUE(false, "rnnext: ", what, "='", name, "': expected auto, avx512, avx2 or blas");
+  }
+  TORCH_CHECK_VALUE(cpu_supports(k), "rnnext: ", what, "='", name, "': this CPU has no ", kernel_name(k),
+                    " (the widest it has: ", kernel_name(widest_kernel()), ")");
+  return k;
+}
+
+// The kernel StepWeight packs for: RNNEXT_OWN_GEMM when the library loads (read once), else
+// the widest; set_kernel() changes it for later op calls (tests and comparisons force each
+// route with it: rnnext._C.own_gemm).
+inline std::atomic<int>& kernel_slot() {
+  static std::atomic<int> slot{static_cast<int>([] {
+    const char* env = std::getenv("RNNEXT_OWN_GEMM");
+    return parse_kernel(env ? env : "", "RNNEXT_OWN_GEMM");
+  }())};
+  return slot;
+}
+inline Kernel kernel() { return static_cast<Kernel>(kernel_slot().load(std::memory_order_relaxed)); }
+inline void set_kernel(Kernel k) { kernel_slot().store(static_cast<int>(k), std::memory_order_relaxed); }
 
 // Floats of the packed form of a [n, k] weight.
 inline int64_t packed_size(int64_t n, int64_t k) { return (n + kNr - 1) / kNr * kNr * k; }
@@ -171,14 +225,132 @@ RNNEXT_AVX2 inline void multiply_strips(int64_t m, int64_t n, int64_t k, const f
     }
   }
 }
+
+// AVX-512: C[R, up to 16 NV] = (add ? C : 0) + A[R, kc] @ NV adjacent strips (strip v at
+// strip + v * kc * kNr); lanes of the last vector past `last_mask` are neither read nor
+// written (a partial last strip). `prefetch`: the next group's strips, a line per k each.
+template <int R, int NV>
+RNNEXT_AVX512 __attribute__((always_inline)) inline void micro_kernel_512(int64_t kc, const float* a, int64_t lda,
+                                                                        const float* strip, float* c, int64_t ldc,
+                                                                        bool add, __mmask16 last_mask,
+                                                                        const float* prefetch) {
+  static_assert(R >= 1 && R * NV <= 28, "a tile of at most 28 accumulators");
+  __m512 acc[R][NV];
+#pragma GCC unroll 9
+  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
+  }
+  const int64_t strip_stride = kc * kNr;
+  for (int64_t p = 0; p < kc; ++p) {
+    if (prefetch) {
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) {
+        _mm_prefetch(reinterpret_cast<const char*>(prefetch + v * strip_stride + p * kNr), _MM_HINT_T0);
+      }
+    }
+    __m512 b[NV];
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) b[v] = _mm512_loadu_ps(strip + v * strip_stride + p * kNr);
+#pragma GCC unroll 9
+    for (int r = 0; r < R; ++r) {
+      const __m512 av = _mm512_set1_ps(a[r * lda + p]);
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(av, b[v], acc[r][v]);
+    }
+  }
+#pragma GCC unroll 9
+  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) {
+      float* cr = c + r * ldc + v * kNr;
+      const __mmask16 mask = v == NV - 1 ? last_mask : __mmask16(0xFFFF);
+      if (add) acc[r][v] = _mm512_add_ps(_mm512_maskz_loadu_ps(mask, cr), acc[r][v]);
+      _mm512_mask_storeu_ps(cr, mask, acc[r][v]);
+    }
+  }
+}
+
+// The AVX-512 tile: kGroup512 strips (48 columns) by up to kMr512 rows, 27 accumulators
+// (with the 3 vectors of W and a broadcast of A, 31 of the 32 registers). Below 4 rows it
+// is 4 strips wide, so that it still has 4+ independent accumulators (FMA latency, not
+// throughput, would set the pace). Measured on Zen 4 (one thread, GFLOP/s, AVX2 kernel
+// first): [32, 256] x [256, 1024] 111 / 116; [64, 1024] x [1024, 4096] 94 / 100 (the weight
+// from L3); [8, 512] x [512, 2048] 88 / 115; [1, 64] x [64, 256] 37 / 47. Tiles of 2 strips
+// by 12 rows measured 0.92-0.98 of the AVX2 kernel there; of 4 by 6 or 7, and 5 by 5,
+// between the two.
+constexpr int kGroup512 = 3, kMr512 = 9, kGroup512FewRows = 4;
+
+template <int NV>
+RNNEXT_AVX512 inline void rows_512(int64_t r, int64_t kc, const float* a, int64_t lda, const float* strip,
+                                   float* c, int64_t ldc, bool add, __mmask16 mask, const float* pf) {
+  switch (r) {
+#define RNNEXT_ROWS_CASE(R)                                                                      \
+  case R:                                                                                        \
+    if constexpr (R * NV <= 28) micro_kernel_512<R, NV>(kc, a, lda, strip, c, ldc, add, mask, pf); \
+    break;
+    RNNEXT_ROWS_CASE(1) RNNEXT_ROWS_CASE(2) RNNEXT_ROWS_CASE(3) RNNEXT_ROWS_CASE(4) RNNEXT_ROWS_CASE(5)
+    RNNEXT_ROWS_CASE(6) RNNEXT_ROWS_CASE(7) RNNEXT_ROWS_CASE(8) RNNEXT_ROWS_CASE(9)
+#undef RNNEXT_ROWS_CASE
+    default: break;
+  }
+}
+
+// Rows [0, m) of a group of NV strips, in row blocks of at most min(kMr512, 28 / NV) rows,
+// as even as possible (3 strips by 64 rows: 8 blocks of 8; 13 rows: 7 and 6, not 9 and 4).
+// The first row block prefetches the next group (a line per k per strip) when it is as wide.
+// The AVX2 path's prefetch of a streamed weight spread over the row blocks made this kernel
+// slower on Zen 4 (LSTM T=50 B=64 H=1024 forward 0.92x, GRU 0.93x), so it has none.
+template <int NV>
+RNNEXT_AVX512 inline void group_rows_512(int64_t m, int64_t kc, const float* a, int64_t lda, const float* strip,
+                                         float* c, int64_t ldc, bool add, int64_t cols, const float* next_group) {
+  constexpr int64_t max_rows = 28 / NV < kMr512 ? 28 / NV : kMr512;
+  const int64_t blocks = (m + max_rows - 1) / max_rows;
+  const __mmask16 mask = static_cast<__mmask16>((1u << (cols - (NV - 1) * kNr)) - 1u);
+  for (int64_t blk = 0; blk < blocks; ++blk) {
+    const int64_t i = m * blk / blocks, r = m * (blk + 1) / blocks - i;
+    rows_512<NV>(r, kc, a + i * lda, lda, strip, c + i * ldc, ldc, add, mask, blk == 0 ? next_group : nullptr);
+  }
+}
+
+// multiply_strips with the AVX-512 tile: strips [s0, s1) in groups of kGroup512 (of
+// kGroup512FewRows below 4 rows); a last group may be narrower.
+RNNEXT_AVX512 inline void multiply_strips_512(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
+                                              const float* packed, bool accumulate, float* c, int64_t ldc,
+                                              int64_t s0, int64_t s1) {
+  const int64_t n_pad = (n + kNr - 1) / kNr * kNr;
+  const int64_t width = m < 4 ? kGroup512FewRows : kGroup512;
+  for (int64_t p0 = 0; p0 < k; p0 += kKc) {
+    const int64_t kc = std::min(kKc, k - p0);
+    const bool add = accumulate || p0 > 0;
+    for (int64_t s = s0; s < s1; s += width) {
+      const int64_t nv = std::min(width, s1 - s), j0 = s * kNr;
+      const float* group = packed + strip_offset(p0, j0, kc, n_pad);
+      const float* next_group = s + nv + nv <= s1 ? group + nv * kc * kNr : nullptr;
+      const int64_t cols = std::min(nv * kNr, n - j0);
+      const float* ai = a + p0;
+      float* cj = c + j0;
+      switch (nv) {
+        case 4: group_rows_512<4>(m, kc, ai, lda, group, cj, ldc, add, cols, next_group); break;
+        case 3: group_rows_512<3>(m, kc, ai, lda, group, cj, ldc, add, cols, next_group); break;
+        case 2: group_rows_512<2>(m, kc, ai, lda, group, cj, ldc, add, cols, next_group); break;
+        default: group_rows_512<1>(m, kc, ai, lda, group, cj, ldc, add, cols, next_group); break;
+      }
+    }
+  }
+}
 #endif
 
-// C[m, n] (+)= A[m, k] @ W^T, W packed by pack(). Inside a parallel region it runs on the
-// calling thread; outside, a large enough product splits its strips across threads.
-// `streaming`: W is not expected in cache (see strip_rows).
-inline void multiply(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* packed,
-                     bool accumulate, float* c, int64_t ldc, bool streaming = false) {
+// C[m, n] (+)= A[m, k] @ W^T, W packed by pack(), with `kernel` (not kNone; one the CPU
+// has). Inside a parallel region it runs on the calling thread; outside, a large enough
+// product splits its strips across threads. `streaming`: W is not expected in cache, which
+// changes the AVX2 kernel's prefetch (see strip_rows); the AVX-512 kernel ignores it (see
+// group_rows_512).
+inline void multiply(Kernel kernel, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
+                     const float* packed, bool accumulate, float* c, int64_t ldc, bool streaming = false) {
 #if RNNEXT_HAVE_PACKED_GEMM
+  TORCH_CHECK(kernel != Kernel::kNone && cpu_supports(kernel), "rnnext: packed GEMM kernel ", kernel_name(kernel),
+              " is not available on this CPU");
   if (m == 0 || n == 0) return;
   if (k == 0) {
     if (!accumulate) {
@@ -187,14 +359,21 @@ inline void multiply(int64_t m, int64_t n, int64_t k, const float* a, int64_t ld
     return;
   }
   const int64_t strips = (n + kNr - 1) / kNr;
-  // ~2^17 multiply-adds per task, some tens of microseconds.
-  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 17) / std::max<int64_t>(1, m * k * kNr));
-  if (at::in_parallel_region() || strips <= grain) {
-    multiply_strips(m, n, k, a, lda, packed, accumulate, c, ldc, 0, strips, streaming);
-  } else {
-    at::parallel_for(0, strips, grain, [&](int64_t s0, int64_t s1) {
+  auto run = [&](int64_t s0, int64_t s1) {
+    if (kernel == Kernel::kAvx512) {
+      multiply_strips_512(m, n, k, a, lda, packed, accumulate, c, ldc, s0, s1);
+    } else {
       multiply_strips(m, n, k, a, lda, packed, accumulate, c, ldc, s0, s1, streaming);
-    });
+    }
+  };
+  // ~2^17 multiply-adds per task, some tens of microseconds; a multiple of 3 strips, so that
+  // the AVX-512 kernel's groups are seldom cut (a cut group only runs narrower).
+  int64_t grain = std::max<int64_t>(1, (int64_t(1) << 17) / std::max<int64_t>(1, m * k * kNr));
+  grain = (grain + 2) / 3 * 3;
+  if (at::in_parallel_region() || strips <= grain) {
+    run(0, strips);
+  } else {
+    at::parallel_for(0, strips, grain, [&](int64_t s0, int64_t s1) { run(s0, s1); });
   }
 #else
   TORCH_CHECK(false, "rnnext: the packed float32 GEMM is not built for this CPU");

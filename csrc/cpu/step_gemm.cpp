@@ -1,0 +1,50 @@
+// rnnext::_step_gemm on the CPU: one product of the per-step float32 GEMM (packed_gemm.h) on
+// a route the caller names, so tests can reach every kernel this CPU has, and each kernel's
+// remainder paths (row blocks, partial strips, K blocks), without a layer around it.
+#include <torch/library.h>
+
+#include <limits>
+
+#include "gemm.h"
+
+namespace rnnext {
+namespace cpu {
+namespace {
+
+// a [m, k] (rows at any stride, elements contiguous), w [n, k] (any strides), c [m, n]
+// -> (accumulate ? c : 0) + a @ w^T, computed in a buffer whose rows are 5 floats longer
+// than n (so ldc != n is exercised), NaN past column n: the result is a view of that new
+// buffer, and a test can see that no route wrote past its columns.
+at::Tensor step_gemm(const at::Tensor& a, const at::Tensor& w, const at::Tensor& c, c10::string_view route,
+                     bool accumulate) {
+  TORCH_CHECK(a.dim() == 2 && w.dim() == 2 && c.dim() == 2, "rnnext::_step_gemm: a, w and c must be 2-D");
+  TORCH_CHECK(a.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat && c.scalar_type() == at::kFloat,
+              "rnnext::_step_gemm: float32 only");
+  const int64_t m = a.size(0), k = a.size(1), n = w.size(0);
+  TORCH_CHECK(w.size(1) == k && c.size(0) == m && c.size(1) == n, "rnnext::_step_gemm: shapes ", a.sizes(), " x ",
+              w.sizes(), "^T -> ", c.sizes(), " do not agree");
+  TORCH_CHECK(a.stride(1) == 1 || k <= 1, "rnnext::_step_gemm: a's rows must be contiguous");
+  const packed_gemm::Kernel kernel = packed_gemm::parse_kernel(std::string(route), "route");
+  const int64_t ldc = n + 5;
+  at::Tensor out = at::full({m, ldc}, std::numeric_limits<float>::quiet_NaN(), c.options()).narrow(1, 0, n);
+  out.copy_(c);
+  const int64_t lda = std::max<int64_t>(a.stride(0), 1);
+  if (kernel == packed_gemm::Kernel::kNone) {
+    const at::Tensor wc = w.contiguous();
+    gemm<float>(false, true, m, n, k, a.data_ptr<float>(), lda, wc.data_ptr<float>(), k, accumulate,
+                out.data_ptr<float>(), ldc);
+  } else {
+    at::Tensor packed = at::empty({packed_gemm::packed_size(n, k)}, w.options());
+    packed_gemm::pack(w.data_ptr<float>(), n, k, w.stride(0), w.stride(1), packed.data_ptr<float>());
+    packed_gemm::multiply(kernel, m, n, k, a.data_ptr<float>(), lda, packed.data_ptr<float>(), accumulate,
+                          out.data_ptr<float>(), ldc);
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(rnnext, CPU, m) { m.impl("_step_gemm", &step_gemm); }
+
+}  // namespace cpu
+}  // namespace rnnext

@@ -1,0 +1,183 @@
+"""The CPU per-step float32 GEMM (csrc/cpu/packed_gemm.h) on every route this CPU has: the
+AVX-512 kernel, the AVX2 kernel and the BLAS (the library's sgemm).
+
+* torch.ops.rnnext._step_gemm runs one product on a named route, at sizes that reach each
+  kernel's remainder paths: row blocks of every height (the AVX2 kernel's 6-row tiles and
+  their 7-9-row splits, the AVX-512 kernel's even blocks of up to 9 rows, and its 4-strip
+  groups below 4 rows), partial last strips (n not a multiple of 16 or 48), a second and a
+  partial K block (k > 256), and strided rows of A and C. The oracle is the product in
+  float64, with the bound on float32 rounding of a k-term dot product; nothing past the
+  last column of C is written.
+* Both own kernels sum each element in the same order, so they give the same bits, and the
+  same bits run to run and with the product split across 1 or 2 threads.
+* Layers through each route (rnnext._C.own_gemm switches it) match torch.nn.
+
+A route this CPU lacks is skipped with the reason (absent hardware: AVX-512 or AVX2).
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import rnnext
+from helpers import CELLS, assert_results_close, assert_results_equal, make_inputs, make_pair, run
+from rnnext import _C
+
+ROUTES = ("avx512", "avx2", "blas")
+OWN = ("avx512", "avx2")
+ROWS = list(range(1, 21)) + [25, 35, 64]
+COLS = (1, 15, 16, 17, 33, 47, 48, 49, 64, 100, 191)
+DEPTHS = (1, 3, 256, 257, 600)
+
+
+def route_available(route: str) -> bool:
+    try:
+        torch.ops.rnnext._step_gemm(torch.ones(1, 1), torch.ones(1, 1), torch.zeros(1, 1), route, False)
+    except ValueError:
+        return False
+    return True
+
+
+def require(route: str) -> None:
+    if not route_available(route):
+        pytest.skip(f"this CPU has no {route} (absent hardware)")
+
+
+@pytest.fixture
+def restore_own_gemm():
+    before = _C.own_gemm()
+    yield
+    _C.own_gemm(before)
+
+
+def operands(m, n, k, seed):
+    g = torch.Generator().manual_seed(seed)
+    # A as rows of a wider matrix (lda = k + 3), W as a transposed view (packed from any strides).
+    a = torch.randn(m, k + 3, generator=g)[:, :k]
+    w = torch.randn(k, n, generator=g).t()
+    c = torch.randn(m, n, generator=g)
+    return a, w, c
+
+
+def reference(a, w, c, accumulate):
+    """The product in float64, and the bound on its float32 rounding: each element is a sum of
+    k products (plus c), so |error| <= (k + 2) * 2^-24 * (|a| @ |w|^T + |c|) with margin."""
+    exact = a.double() @ w.double().t() + (c.double() if accumulate else 0)
+    scale = a.double().abs() @ w.double().abs().t() + (c.double().abs() if accumulate else 0)
+    return exact, (a.shape[1] + 2) * 2.0 ** -24 * scale + 1e-30
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_step_gemm_matches_float64(route):
+    require(route)
+    for m, n, k in itertools.product(ROWS, COLS, DEPTHS):
+        a, w, c = operands(m, n, k, seed=m * 1000 + n * 10 + k)
+        for accumulate in (False, True):
+            got = torch.ops.rnnext._step_gemm(a, w, c, route, accumulate)
+            padding = torch.empty(0).set_(got.untyped_storage(), 0, (m, n + 5), (n + 5, 1))[:, n:]
+            assert bool(padding.isnan().all()), f"{route} m={m} n={n} k={k}: wrote past column n"
+            exact, bound = reference(a, w, c, accumulate)
+            err = (got.double() - exact).abs()
+            assert bool((err <= bound).all()), (
+                f"{route} m={m} n={n} k={k} accumulate={accumulate}: error {err.max().item():.3e} over the "
+                f"rounding bound by a factor {(err / bound).max().item():.2f}")
+
+
+def test_own_kernels_give_the_same_bits():
+    require("avx512")
+    require("avx2")
+    for m, n, k in itertools.product(ROWS, COLS, DEPTHS):
+        a, w, c = operands(m, n, k, seed=m + n + k)
+        for accumulate in (False, True):
+            x = torch.ops.rnnext._step_gemm(a, w, c, "avx512", accumulate)
+            y = torch.ops.rnnext._step_gemm(a, w, c, "avx2", accumulate)
+            assert torch.equal(x, y), f"m={m} n={n} k={k} accumulate={accumulate}: {(x - y).abs().max().item():.3e}"
+
+
+@pytest.mark.parametrize("route", OWN)
+def test_step_gemm_same_bits_run_to_run_and_across_threads(route):
+    """[64, 1024] x [1024, 1000]: large enough that multiply() splits the strips across threads
+    (1000 columns: 62 full strips and a partial one)."""
+    require(route)
+    a, w, c = operands(64, 1000, 1024, seed=3)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        first = torch.ops.rnnext._step_gemm(a, w, c, route, True)
+        second = torch.ops.rnnext._step_gemm(a, w, c, route, True)
+        torch.set_num_threads(1)
+        single = torch.ops.rnnext._step_gemm(a, w, c, route, True)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(first, second)
+    assert torch.equal(first, single)
+    exact, bound = reference(a, w, c, True)
+    assert bool(((first.double() - exact).abs() <= bound).all())
+
+
+# Batch sizes that reach every row-block height of both kernels; H=152: 608 LSTM columns
+# (12 groups of 48 and 2 strips more), a partial K block.
+LAYER_BATCHES = (1, 3, 8, 13, 35)
+LAYERS = list(itertools.product(CELLS, ROUTES))
+
+
+@pytest.mark.parametrize("cell,route", LAYERS, ids=[f"{c}-{r}" for c, r in LAYERS])
+def test_layers_match_torch_on_each_route(cell, route, restore_own_gemm):
+    require(route)
+    _C.own_gemm(route)
+    assert _C.own_gemm() == route
+    for batch in LAYER_BATCHES:
+        ref, ours = make_pair(cell, 40, 152, dtype=torch.float32, num_layers=2, bidirectional=True, seed=batch)
+        x, hx = make_inputs(ref, with_hx=True, seq_len=5, batch=batch)
+        assert_results_close(run(ref, x, hx), run(ours, x, hx), f"{cell} {route} B={batch}", scale_atol=True)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_layers_same_bits_on_both_own_kernels(cell, restore_own_gemm):
+    """T=5, B=13 keeps every product on the per-step kernel (the input projection's chunk has
+    65 rows), so the two kernels' identical sum order gives identical layers, forward and
+    backward."""
+    require("avx512")
+    require("avx2")
+    _, ours = make_pair(cell, 40, 152, dtype=torch.float32, num_layers=2, bidirectional=True)
+    x, hx = make_inputs(ours, with_hx=True, seq_len=5, batch=13)
+    results = {}
+    for route in OWN:
+        _C.own_gemm(route)
+        results[route] = run(ours, x, hx)
+    assert_results_equal(results["avx512"], results["avx2"], what=cell)
+
+
+def test_own_gemm_names(restore_own_gemm):
+    assert _C.own_gemm("blas") == "blas"
+    assert _C.own_gemm("auto") in OWN + ("blas",)
+    with pytest.raises(ValueError, match="expected auto, avx512, avx2 or blas"):
+        _C.own_gemm("sse")
+    with pytest.raises(ValueError, match="route='fast'"):
+        torch.ops.rnnext._step_gemm(torch.ones(1, 1), torch.ones(1, 1), torch.zeros(1, 1), "fast", False)
+
+
+def test_step_gemm_checks_its_arguments():
+    with pytest.raises(RuntimeError, match="shapes"):
+        torch.ops.rnnext._step_gemm(torch.ones(2, 3), torch.ones(4, 5), torch.zeros(2, 4), "blas", False)
+    with pytest.raises(RuntimeError, match="float32"):
+        torch.ops.rnnext._step_gemm(torch.ones(2, 3).double(), torch.ones(4, 3), torch.zeros(2, 4), "blas", False)
+
+
+def _import_with(value: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, RNNEXT_OWN_GEMM=value)
+    code = "import rnnext; print(rnnext._C.own_gemm())"
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_environment_variable_read_at_import():
+    blas = _import_with("blas")
+    assert blas.returncode == 0 and blas.stdout.strip() == "blas", blas.stderr
+    bad = _import_with("fastest")
+    assert bad.returncode != 0
+    assert "ValueError" in bad.stderr and "RNNEXT_OWN_GEMM='fastest'" in bad.stderr, bad.stderr
