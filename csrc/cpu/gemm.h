@@ -248,7 +248,7 @@ class StepWeight {
   void set_streaming(bool on) { streaming_ = on; }
 
   // Products of more rows per call than this go to the BLAS: 256 for the AVX2 kernel; 4096
-  // for the AVX-512 one, which keeps up with MKL (on AMD CPUs MKL runs its AVX2 code) at the
+  // for the AVX-512 one, which keeps up with MKL (its Zen kernels, on Zen 4) at the
   // chunk-sized products of the input projection (one Zen 4 thread, GFLOP/s, ours / MKL:
   // [1024, 256] x [256, 1024] 113 / 94, [2048, 256] x [256, 768] 105 / 96, [4096, 1024] x
   // [1024, 1024] 91 / 93).
@@ -283,8 +283,8 @@ class OneDnnLinear {
   // Products of at least kMinWork multiply-adds per call go to oneDNN, where its speed pays
   // for its call cost; above kMaxWork (one-shot products of several GFLOP, e.g. the input
   // projection of a large layer) the BLAS measured faster on the AVX2 machines we bench,
-  // but not with AVX-512, which oneDNN uses and torch's MKL does not on AMD CPUs (Zen 4, 2
-  // threads, [3200, 4096] x [4096, 1024]: oneDNN 194-198 GFLOP/s, MKL 154-172).
+  // but not on an AVX-512 machine (Zen 4, 2 threads, [3200, 4096] x [4096, 1024]: oneDNN
+  // 194-198 GFLOP/s, MKL, which runs its Zen kernels there, 154-172).
   static constexpr int64_t kMinWork = int64_t(1) << 22;
   static constexpr int64_t kMaxWork = int64_t(1) << 32;
 

@@ -366,10 +366,10 @@ inline void multiply(Kernel kernel, int64_t m, int64_t n, int64_t k, const float
       multiply_strips(m, n, k, a, lda, packed, accumulate, c, ldc, s0, s1, streaming);
     }
   };
-  // ~2^17 multiply-adds per task, some tens of microseconds; a multiple of 3 strips, so that
-  // the AVX-512 kernel's groups are seldom cut (a cut group only runs narrower).
+  // ~2^17 multiply-adds per task, some tens of microseconds; for the AVX-512 kernel a whole
+  // number of its strip groups, so that they are seldom cut (a cut group only runs narrower).
   int64_t grain = std::max<int64_t>(1, (int64_t(1) << 17) / std::max<int64_t>(1, m * k * kNr));
-  grain = (grain + 2) / 3 * 3;
+  if (kernel == Kernel::kAvx512) grain = (grain + kGroup512 - 1) / kGroup512 * kGroup512;
   if (at::in_parallel_region() || strips <= grain) {
     run(0, strips);
   } else {
