@@ -13,16 +13,28 @@ import torch
 
 
 def _machine() -> str:
+    """The CPU: model (with family/model numbers, which tell AMD generations apart), its SIMD
+    class, the per-step GEMM kernel rnnext runs, threads and torch."""
     cpu = platform.processor() or platform.machine()
+    info = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
+                if not line.strip():
+                    break  # the first processor's fields are enough
+                key, _, value = line.partition(":")
+                info[key.strip()] = value.strip()
     except OSError:
         pass
-    return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    cpu = info.get("model name", cpu)
+    if "cpu family" in info and "model" in info:
+        cpu += f" (family {info['cpu family']} model {info['model']})"
+    flags = set(info.get("flags", "").split())
+    simd = ("AVX-512" + (" + AVX512-BF16" if "avx512_bf16" in flags else "") if "avx512f" in flags
+            else "AVX2" if "avx2" in flags else None)
+    from . import _C
+    parts = [cpu] + ([simd] if simd else []) + [f"per-step GEMM {_C.own_gemm()}"]
+    return f"{', '.join(parts)}, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
 # ---------------------------------------------------------------- devices
