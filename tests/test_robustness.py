@@ -1,4 +1,7 @@
 """Threads, leaks and long sequences."""
+import os
+import subprocess
+import sys
 import threading
 
 import torch
@@ -87,3 +90,51 @@ def test_bitwise_deterministic_run_to_run():
         assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
         for g, p in zip(grads, model.parameters()):
             assert torch.equal(g, p.grad)
+
+
+_FAKE_BLAS = r"""
+#include <stdlib.h>
+void sgemm_(void) { abort(); }
+void dgemm_(void) { abort(); }
+void cblas_sgemm_pack_get_size(void) { abort(); }
+void cblas_sgemm_pack(void) { abort(); }
+void cblas_sgemm_compute(void) { abort(); }
+"""
+
+_USE_FAKE_BLAS = r"""
+import ctypes, sys
+import torch, rnnext
+from rnnext import _C
+from helpers import assert_results_close, make_inputs, make_pair, run
+CASES = [(dtype, batch) for dtype in (torch.float64, torch.float32) for batch in (2, 8, 300)]
+def pair(dtype, batch):
+    ref, ours = make_pair("LSTM", 6, 10, dtype=dtype, seed=batch)
+    return ref, ours, make_inputs(ref, with_hx=True, seq_len=5, batch=batch)
+# torch.nn first, so torch's own (lazily bound) calls into its BLAS are bound before the
+# foreign library exists; rnnext has not looked up its BLAS yet.
+expected = [run(ref, x, hx) for ref, _, (x, hx) in (pair(*case) for case in CASES)]
+ctypes.CDLL(sys.argv[1], mode=ctypes.RTLD_GLOBAL)  # a foreign BLAS, in the global scope
+_C.own_gemm("blas")  # float32 per-step products on sgemm_ / MKL's packed GEMM too
+for case, exp in zip(CASES, expected):
+    _, ours, (x, hx) = pair(*case)
+    assert_results_close(exp, run(ours, x, hx), str(case), scale_atol=True)
+print("ok")
+"""
+
+
+def test_blas_is_the_one_torch_links(tmp_path):
+    """A library loaded with global symbols before rnnext, exporting sgemm_/dgemm_ and MKL's
+    packed-GEMM entry points that abort, is never called: rnnext looks its BLAS up in
+    libtorch_cpu and its dependencies (csrc/cpu/gemm.h, torch_blas_symbol)."""
+    import shutil
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    assert compiler, "a C compiler is needed to build the foreign BLAS (it builds rnnext too)"
+    src, lib = tmp_path / "fake_blas.c", tmp_path / "libfake_blas.so"
+    src.write_text(_FAKE_BLAS)
+    subprocess.run([compiler, "-shared", "-fPIC", "-o", str(lib), str(src)], check=True)
+    script = tmp_path / "use_fake_blas.py"
+    script.write_text(_USE_FAKE_BLAS)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run([sys.executable, str(script), str(lib)], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]

@@ -5,8 +5,9 @@
 // costs several microseconds, more than the whole arithmetic of a [1, 64] x [64, 256] step.
 //
 //  * gemm(): row-major C = op(A) op(B) (+ C) on raw pointers, straight into the BLAS that
-//    torch itself links (sgemm_/dgemm_, looked up once at run time). Where this torch build
-//    exports no such symbol, it falls back to at::mm_out/addmm_ on views of the same memory.
+//    torch itself links (sgemm_/dgemm_, looked up once at run time in libtorch_cpu and its
+//    dependencies). Where this torch build exports no such symbol, or a size needs more
+//    than 32 bits, it falls back to at::mm_out/addmm_ on views of the same memory.
 //  * StepWeight: x @ W^T for a weight used at every time step (W_hh, W_ih slices forward,
 //    W_hh^T backward) or every chunk of steps, prepared once per op call: float32 packed for
 //    our AVX-512 or AVX2 kernel (packed_gemm.h) at up to 4096 / 256 rows per call, or into
@@ -53,14 +54,41 @@ typedef void (*dgemm_fn)(const char*, const char*, const int*, const int*, const
                          const double*, const int*, const double*, const int*, const double*, double*, const int*);
 }
 
+// A symbol of the BLAS torch itself uses, or nullptr. Looked up from libtorch_cpu's own
+// handle (found through the address of one of its functions), which searches that library
+// and its dependencies only: another BLAS loaded into the process with global symbols (an
+// ILP64 build, a threaded OpenBLAS, an LD_PRELOAD) is never picked by accident. Where the
+// lookup fails, callers take the ATen route.
+inline void* torch_blas_symbol(const char* name) {
+  static void* torch_cpu = [] {
+    Dl_info info{};
+    void* handle = nullptr;
+    if (dladdr(reinterpret_cast<void*>(&at::_ops::mm::call), &info) != 0 && info.dli_fname != nullptr) {
+      handle = dlopen(info.dli_fname, RTLD_LAZY | RTLD_NOLOAD);
+    }
+    return handle;
+  }();
+  return torch_cpu ? dlsym(torch_cpu, name) : nullptr;
+}
+
 inline sgemm_fn blas_sgemm() {
-  static sgemm_fn fn = reinterpret_cast<sgemm_fn>(dlsym(RTLD_DEFAULT, "sgemm_"));
+  static sgemm_fn fn = reinterpret_cast<sgemm_fn>(torch_blas_symbol("sgemm_"));
   return fn;
 }
 inline dgemm_fn blas_dgemm() {
-  static dgemm_fn fn = reinterpret_cast<dgemm_fn>(dlsym(RTLD_DEFAULT, "dgemm_"));
+  static dgemm_fn fn = reinterpret_cast<dgemm_fn>(torch_blas_symbol("dgemm_"));
   return fn;
 }
+
+// Fortran BLAS integer arguments, passed by pointer: each value is stored in 64 bits and
+// passed as int*. On a little-endian CPU an LP64 BLAS reads the low 32 bits, an ILP64 one all
+// 64, and both read the same value (callers keep every value below 2^31).
+static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "the BLAS integer arguments assume little endian");
+struct BlasInt {
+  int64_t value;
+  explicit BlasInt(int64_t v) : value(v) {}
+  const int* ptr() const { return reinterpret_cast<const int*>(&value); }
+};
 
 template <typename T>
 at::Tensor view_of(const T* p, int64_t rows, int64_t cols, int64_t ld) {
@@ -80,21 +108,21 @@ void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const T* 
     }
     return;
   }
+  // Sizes past 32 bits take the ATen route (64-bit sizes) instead of being narrowed.
   const bool fits_int = m < INT_MAX && n < INT_MAX && k < INT_MAX && lda < INT_MAX && ldb < INT_MAX && ldc < INT_MAX;
   // Column-major BLAS sees each row-major matrix transposed: C^T = op(B)^T op(A)^T.
   const char ta = trans_a ? 'T' : 'N', tb = trans_b ? 'T' : 'N';
-  const int M = static_cast<int>(n), N = static_cast<int>(m), K = static_cast<int>(k);
-  const int LDA = static_cast<int>(ldb), LDB = static_cast<int>(lda), LDC = static_cast<int>(ldc);
+  const BlasInt M(n), N(m), K(k), LDA(ldb), LDB(lda), LDC(ldc);
   if constexpr (std::is_same_v<T, float>) {
     if (fits_int && blas_sgemm()) {
       const float alpha = 1.f, beta = accumulate ? 1.f : 0.f;
-      blas_sgemm()(&tb, &ta, &M, &N, &K, &alpha, b, &LDA, a, &LDB, &beta, c, &LDC);
+      blas_sgemm()(&tb, &ta, M.ptr(), N.ptr(), K.ptr(), &alpha, b, LDA.ptr(), a, LDB.ptr(), &beta, c, LDC.ptr());
       return;
     }
   } else {
     if (fits_int && blas_dgemm()) {
       const double alpha = 1., beta = accumulate ? 1. : 0.;
-      blas_dgemm()(&tb, &ta, &M, &N, &K, &alpha, b, &LDA, a, &LDB, &beta, c, &LDC);
+      blas_dgemm()(&tb, &ta, M.ptr(), N.ptr(), K.ptr(), &alpha, b, LDA.ptr(), a, LDB.ptr(), &beta, c, LDC.ptr());
       return;
     }
   }
@@ -160,9 +188,9 @@ struct Api {
 inline const Api& api() {
   static const Api a = [] {
     Api r;
-    r.get_size = reinterpret_cast<get_size_fn>(dlsym(RTLD_DEFAULT, "cblas_sgemm_pack_get_size"));
-    r.pack = reinterpret_cast<pack_fn>(dlsym(RTLD_DEFAULT, "cblas_sgemm_pack"));
-    r.compute = reinterpret_cast<compute_fn>(dlsym(RTLD_DEFAULT, "cblas_sgemm_compute"));
+    r.get_size = reinterpret_cast<get_size_fn>(torch_blas_symbol("cblas_sgemm_pack_get_size"));
+    r.pack = reinterpret_cast<pack_fn>(torch_blas_symbol("cblas_sgemm_pack"));
+    r.compute = reinterpret_cast<compute_fn>(torch_blas_symbol("cblas_sgemm_compute"));
     return r;
   }();
   return a;
@@ -224,6 +252,9 @@ class StepWeight {
     } else if (small_) {
       small_gemm_nn<T>(rows, n_, k_, a, lda, w, n_, accumulate, c, ldc);
     } else if (packed_) {
+      // rows <= max_rows, and n, k were checked to fit an int at construction.
+      TORCH_CHECK(lda < INT_MAX && ldc < INT_MAX, "rnnext: a row stride (", lda, ", ", ldc,
+                  ") too large for MKL's packed GEMM");
       if constexpr (std::is_same_v<T, float>) {
         mkl_packed::api().compute(mkl_packed::kRowMajor, mkl_packed::kNoTrans, mkl_packed::kPacked,
                                   static_cast<int>(rows), static_cast<int>(n_), static_cast<int>(k_), a,
