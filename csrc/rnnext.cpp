@@ -18,6 +18,7 @@
 #include <cstring>
 
 #include "cpu/packed_gemm.h"
+#include "cpu/scratch.h"
 #include "workspace.h"
 
 namespace {
@@ -67,7 +68,14 @@ PyObject* own_gemm(PyObject*, PyObject* args) {
   return nullptr;
 }
 
+// _C.empty_cache() -> bytes released: drops the CPU ops' kept scratch buffers, every
+// thread's (csrc/cpu/scratch.h). _C.scratch_bytes() -> the bytes they keep now.
+PyObject* empty_cache(PyObject*, PyObject*) { return PyLong_FromLongLong(rnnext::cpu::empty_cache()); }
+PyObject* scratch_bytes(PyObject*, PyObject*) { return PyLong_FromLongLong(rnnext::cpu::scratch_bytes()); }
+
 PyMethodDef methods[] = {
+    {"empty_cache", empty_cache, METH_NOARGS, "release the CPU ops' scratch buffers (all threads); returns bytes"},
+    {"scratch_bytes", scratch_bytes, METH_NOARGS, "bytes of scratch buffers the CPU ops keep (all threads)"},
     {"own_gemm", own_gemm, METH_VARARGS, "get (or set, given a name) the CPU per-step GEMM kernel"},
     {"workspace_blocks", workspace_blocks, METH_O, "workspace blocks of H columns of a cell (csrc/workspace.h)"},
     {"built_with_cuda", built_with_cuda, METH_NOARGS, "whether this build has the CUDA kernels"},

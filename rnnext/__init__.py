@@ -9,5 +9,14 @@ from .functional import rnn_stack
 from .modules import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNBase, RNNCell, RNNCellBase
 from .utils import copy_parameters, from_torch
 
+
+def empty_cache() -> int:
+    """Releases the scratch memory rnnext's CPU ops keep between calls (one buffer of up to
+    32 MiB per calling thread, 128 MiB in all), for every thread; returns the bytes released.
+    Later calls allocate it again as needed."""
+    return _ops._C.empty_cache()
+
+
 __version__ = "0.1.0"
-__all__ = ["RNN", "LSTM", "GRU", "RNNCell", "LSTMCell", "GRUCell", "RNNBase", "RNNCellBase", "copy_parameters", "from_torch", "rnn_stack"]
+__all__ = ["RNN", "LSTM", "GRU", "RNNCell", "LSTMCell", "GRUCell", "RNNBase", "RNNCellBase", "copy_parameters", "from_torch", "rnn_stack",
+           "empty_cache"]

@@ -138,3 +138,57 @@ def test_blas_is_the_one_torch_links(tmp_path):
     done = subprocess.run([sys.executable, str(script), str(lib)], env=env, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+
+
+def _chunked_forward(model, x):
+    with torch.no_grad():
+        return model(x)[0]
+
+
+def test_empty_cache_releases_the_scratch_and_results_stay():
+    """B=8 takes the chunked input projection, whose buffer each thread keeps between calls
+    (csrc/cpu/scratch.h): rnnext.empty_cache() releases it, and the next call is unchanged."""
+    torch.manual_seed(0)
+    model = rnnext.LSTM(64, 256)
+    x = torch.randn(600, 8, 64)
+    first = _chunked_forward(model, x)
+    kept = rnnext._C.scratch_bytes()
+    assert kept >= 1024 * 4 * 256 * 4  # a chunk of 1,024 rows of 4 gates x 256 units
+    assert rnnext.empty_cache() == kept
+    assert rnnext._C.scratch_bytes() == 0
+    assert torch.equal(_chunked_forward(model, x), first)
+
+
+def test_scratch_is_bounded_across_threads_and_freed_when_they_exit():
+    """40 threads, each keeping a ~4 MiB buffer at once, keep no more than 128 MiB together
+    (the rest use theirs once); a thread's buffer goes when it exits."""
+    rnnext.empty_cache()
+    torch.manual_seed(0)
+    model = rnnext.LSTM(64, 256)
+    x = torch.randn(600, 8, 64)
+    expected = _chunked_forward(model, x)
+    main_thread = rnnext._C.scratch_bytes()  # this thread's buffer
+    assert main_thread >= 4 << 20
+    n = 40
+    ran, done = threading.Barrier(n + 1), threading.Barrier(n + 1)
+    results = [None] * n
+
+    def worker(i):
+        results[i] = _chunked_forward(model, x)
+        ran.wait()
+        done.wait()
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    ran.wait()
+    held = rnnext._C.scratch_bytes()
+    done.wait()
+    for t in threads:
+        t.join()
+    # Unbounded, 41 threads would keep 41 x 4 MiB: the bound is what stops them.
+    assert 41 * main_thread > 128 << 20
+    assert 128 << 20 >= held >= (128 << 20) - main_thread, held
+    assert rnnext._C.scratch_bytes() == main_thread  # the workers' buffers went with them
+    assert all(torch.equal(r, expected) for r in results)
+    rnnext.empty_cache()

@@ -26,6 +26,7 @@
 
 #include "../layer_ops.h"
 #include "gemm.h"
+#include "scratch.h"
 
 namespace rnnext {
 namespace cpu {
@@ -141,27 +142,6 @@ inline void prefetch_gates(const T* gi, int64_t G, int64_t H, int64_t n) {
     const char* p = reinterpret_cast<const char*>(gi + g * H);
     for (int64_t byte = 0; byte < n * static_cast<int64_t>(sizeof(T)); byte += 64) __builtin_prefetch(p + byte, 0, 3);
   }
-}
-
-// Scratch memory reused across calls on the same thread. A fresh multi-megabyte tensor in
-// every call is a page fault per 4 KiB page it touches (glibc hands large freed blocks back
-// to the kernel): at T=100, B=32, H=256 an LSTM forward took ~4,500 of them, ~15 % of its
-// time. A slot keeps its largest buffer up to kMaxScratchBytes; the tensor returned aliases
-// it, so it must not outlive the op that asked for it (nor be handed out to the caller).
-constexpr int64_t kMaxScratchBytes = int64_t(32) << 20;
-
-inline Tensor scratch(int slot, at::IntArrayRef shape, const at::TensorOptions& options) {
-  constexpr int kSlots = 4;
-  thread_local Tensor slots[kSlots];
-  TORCH_CHECK(slot >= 0 && slot < kSlots, "rnnext: bad scratch slot ", slot);
-  const int64_t numel = c10::multiply_integers(shape);
-  Tensor& kept = slots[slot];
-  if (kept.defined() && kept.scalar_type() == options.dtype().toScalarType() && kept.numel() >= numel) {
-    return kept.narrow(0, 0, numel).view(shape);
-  }
-  Tensor fresh = at::empty({numel}, options);
-  if (numel * fresh.element_size() <= kMaxScratchBytes) kept = fresh;
-  return fresh.view(shape);
 }
 
 // Where the input projection gi = x @ W_ih^T (+ biases) is computed. With enough rows per
@@ -280,7 +260,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(const Tensor& x_in, con
       fuse_input ? std::vector<StepChunk>{{0, st.T, 0, st.N}} : step_chunks(st, GH * x.element_size(), reverse);
   int64_t chunk_cap = 0;
   for (const StepChunk& ch : chunks) chunk_cap = std::max(chunk_cap, ch.rows);
-  Tensor gi = fuse_input ? x.new_empty({B, GH}) : scratch(0, {chunk_cap, GH}, x.options());
+  Tensor gi = fuse_input ? x.new_empty({B, GH}) : scratch({chunk_cap, GH}, x.options());
 
   Tensor y = x.new_empty({st.N, Hout});
   Tensor ws = x.new_empty({need_backward ? st.N : 0, ws_cols});
