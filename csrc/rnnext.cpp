@@ -17,7 +17,7 @@
 
 #include <cstring>
 
-#include "cpu/packed_gemm.h"
+#include "cpu/options.h"
 #include "cpu/scratch.h"
 #include "workspace.h"
 
@@ -49,17 +49,27 @@ PyObject* built_with_cuda(PyObject*, PyObject*) {
 #endif
 }
 
-// _C.own_gemm(name=None) -> the name of the kernel the CPU ops' per-step float32 GEMM uses
-// from the next op call on ("avx512", "avx2" or "blas": see csrc/cpu/packed_gemm.h); with a
-// name ("auto", "avx512", "avx2", "blas") it sets it first. ValueError for an unknown name
-// or a kernel this CPU lacks. Tests force each route with it; RNNEXT_OWN_GEMM sets it at load.
-PyObject* own_gemm(PyObject*, PyObject* args) {
-  namespace pg = rnnext::cpu::packed_gemm;
+// _C.cpu_option(name, value=None) -> the CPU option's value as text (csrc/cpu/options.h:
+// own_gemm, mkl_packed, onednn, streaming_bytes, chunk_rows); given a value, sets it first
+// (validated as its environment variable is). _C.cpu_option() -> all of them, as a dict:
+// rnnext/_ops.py calls it at import, so a malformed variable is a ValueError there.
+PyObject* cpu_option(PyObject*, PyObject* args) {
+  namespace opt = rnnext::cpu::options;
   const char* name = nullptr;
-  if (!PyArg_ParseTuple(args, "|z:own_gemm", &name)) return nullptr;
+  const char* value = nullptr;
+  if (!PyArg_ParseTuple(args, "|zz:cpu_option", &name, &value)) return nullptr;
   try {
-    if (name != nullptr) pg::set_kernel(pg::parse_kernel(name, "own_gemm"));
-    return PyUnicode_FromString(pg::kernel_name(pg::kernel()));
+    if (name == nullptr) {
+      PyObject* all = PyDict_New();
+      for (const char* key : {"own_gemm", "mkl_packed", "onednn", "streaming_bytes", "chunk_rows"}) {
+        PyObject* text = PyUnicode_FromString(opt::get(key).c_str());
+        PyDict_SetItemString(all, key, text);
+        Py_DECREF(text);
+      }
+      return all;
+    }
+    if (value != nullptr) opt::set(name, value);
+    return PyUnicode_FromString(opt::get(name).c_str());
   } catch (const c10::ValueError& e) {
     PyErr_SetString(PyExc_ValueError, e.what_without_backtrace());
   } catch (const std::exception& e) {
@@ -76,7 +86,7 @@ PyObject* scratch_bytes(PyObject*, PyObject*) { return PyLong_FromLongLong(rnnex
 PyMethodDef methods[] = {
     {"empty_cache", empty_cache, METH_NOARGS, "release the CPU ops' scratch buffers (all threads); returns bytes"},
     {"scratch_bytes", scratch_bytes, METH_NOARGS, "bytes of scratch buffers the CPU ops keep (all threads)"},
-    {"own_gemm", own_gemm, METH_VARARGS, "get (or set, given a name) the CPU per-step GEMM kernel"},
+    {"cpu_option", cpu_option, METH_VARARGS, "get (or set, given a value) a CPU tuning option (csrc/cpu/options.h)"},
     {"workspace_blocks", workspace_blocks, METH_O, "workspace blocks of H columns of a cell (csrc/workspace.h)"},
     {"built_with_cuda", built_with_cuda, METH_NOARGS, "whether this build has the CUDA kernels"},
     {nullptr, nullptr, 0, nullptr},

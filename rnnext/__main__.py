@@ -33,7 +33,7 @@ def _machine() -> str:
     simd = ("AVX-512" + (" + AVX512-BF16" if "avx512_bf16" in flags else "") if "avx512f" in flags
             else "AVX2" if "avx2" in flags else None)
     from . import _C
-    parts = [cpu] + ([simd] if simd else []) + [f"per-step GEMM {_C.own_gemm()}"]
+    parts = [cpu] + ([simd] if simd else []) + [f"per-step GEMM {_C.cpu_option('own_gemm')}"]
     return f"{', '.join(parts)}, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 

@@ -20,9 +20,9 @@ GATES = {"rnn_tanh": 1, "rnn_relu": 1, "gru": 3, "lstm": 4}
 # Workspace blocks of hidden_size columns per cell, read from the one definition every
 # backend uses (csrc/workspace.h), so the fake kernels below give the real kernels' shape.
 _WORKSPACE_BLOCKS = {cell: _C.workspace_blocks(cell) for cell in CELLS}
-# RNNEXT_OWN_GEMM (the CPU per-step GEMM kernel: auto, avx512, avx2 or blas) is read once,
-# here: an unknown value, or a kernel this CPU lacks, is a ValueError at import.
-_C.own_gemm()
+# The CPU options' environment variables (RNNEXT_OWN_GEMM, ...; csrc/cpu/options.h) are read
+# once, here: a malformed value, or a GEMM kernel this CPU lacks, is a ValueError at import.
+_C.cpu_option()
 
 
 def workspace_cols(cell: str, hidden_size: int, proj: bool) -> int:

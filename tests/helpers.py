@@ -433,3 +433,16 @@ def backward_args(cell: str, **kwargs):
     x, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, rev = fwd
     y, h_n, ws = outs
     return (r(y), r(h_n), x, w_ih, w_hh, batch_sizes, rev, bias, y, ws, h0)
+
+
+@contextlib.contextmanager
+def cpu_option(name: str, value: str):
+    """Sets a CPU tuning option (csrc/cpu/options.h, rnnext._C.cpu_option) for the block, and
+    restores it after."""
+    from rnnext import _C
+    before = _C.cpu_option(name)
+    _C.cpu_option(name, value)
+    try:
+        yield
+    finally:
+        _C.cpu_option(name, before)

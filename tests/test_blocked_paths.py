@@ -10,7 +10,7 @@ shapes (B=3, H=5) never reach:
 * float64 takes the plain dgemm with the same blocks.
 
 torch.nn with the same weights is the oracle; the tests pin two threads so the split happens
-on any machine. CPU-only: these are the CPU kernels' routes (forced with RNNEXT_* variables).
+on any machine. CPU-only: these are the CPU kernels' routes (forced with rnnext._C.cpu_option).
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import itertools
 import pytest
 import torch
 
-from helpers import CELLS, assert_results_close, assert_results_equal, make_inputs, make_pair, run, run_packed
+from helpers import CELLS, assert_results_close, assert_results_equal, cpu_option, make_inputs, make_pair, run, run_packed
 
 SEQ, BATCH, IN, HID = 7, 24, 40, 152
 LENGTHS = [7, 3, 5, 7, 1, 6, 2, 4, 7, 5, 3, 6, 1, 2, 7, 4, 5, 6, 3, 2, 7, 1, 4, 6]  # unsorted
@@ -89,16 +89,16 @@ CHUNKED = list(itertools.product(CELLS, DTYPES, (1, 50)))
 
 @pytest.mark.parametrize("cell,dtype,chunk_rows", CHUNKED,
                          ids=[f"{c}-{str(d)[6:]}-rows{r}" for c, d, r in CHUNKED])
-def test_input_projection_in_chunks(cell, dtype, chunk_rows, monkeypatch):
+def test_input_projection_in_chunks(cell, dtype, chunk_rows):
     """The forward computes gi = x @ W_ih^T a chunk of whole steps at a time (about 4 MiB of gi
-    per chunk, so the small shapes above fit in one). RNNEXT_CHUNK_ROWS puts the chunk edges
+    per chunk, so the small shapes above fit in one). The chunk_rows option puts the chunk edges
     at every step (1) or every second step (50 rows, B=24), in both directions, padded and
     packed with rows dropping out and joining across chunk edges."""
-    monkeypatch.setenv("RNNEXT_CHUNK_ROWS", str(chunk_rows))
     ref, ours = make_pair(cell, IN, HID, dtype=dtype, num_layers=2, bidirectional=True)
     x, hx = make_inputs(ref, with_hx=True, seq_len=SEQ, batch=BATCH)
-    compare(run(ref, x, hx), run(ours, x, hx), dtype)
-    compare(run_packed(ref, x, LENGTHS, hx, False), run_packed(ours, x, LENGTHS, hx, False), dtype)
+    with cpu_option("chunk_rows", str(chunk_rows)):
+        compare(run(ref, x, hx), run(ours, x, hx), dtype)
+        compare(run_packed(ref, x, LENGTHS, hx, False), run_packed(ours, x, LENGTHS, hx, False), dtype)
 
 
 # Hidden sizes whose W_hh share per thread exceeds 768 KiB in float32, so the forward cuts
@@ -142,16 +142,22 @@ STREAMED = list(itertools.product(CELLS, (8, FUSED_BATCH)))
 
 
 @pytest.mark.parametrize("cell,batch", STREAMED, ids=[f"{c}-B{b}" for c, b in STREAMED])
-def test_streamed_weight_prefetch(cell, batch, monkeypatch):
-    """Forward steps whose weights exceed kStreamingWeightBytes (16 MiB) prefetch the next
-    weight strip spread over the row blocks (packed_gemm::strip_rows). RNNEXT_STREAMING_BYTES=0
-    takes that route at these small sizes, unfused (8 rows) and fused (35), with every row
-    count the 6-row blocks leave. Prefetches change no arithmetic: the bits equal the default
-    route's, and torch.nn is matched."""
+def test_streamed_weight_prefetch(cell, batch):
+    """Forward steps whose weights exceed the streaming_bytes option (16 MiB) prefetch, with the
+    AVX2 kernel, the next weight strip spread over the row blocks (packed_gemm::strip_rows).
+    streaming_bytes=0 takes that route at these small sizes, unfused (8 rows) and fused (35),
+    with every row count the 6-row blocks leave. Prefetches change no arithmetic: the bits
+    equal the default route's, and torch.nn is matched. (The AVX-512 kernel has no such
+    route; the AVX2 one is forced, and skipped only where the CPU lacks AVX2.)"""
+    try:
+        torch.ops.rnnext._step_gemm(torch.ones(1, 1), torch.ones(1, 1), torch.zeros(1, 1), "avx2", False)
+    except ValueError:
+        pytest.skip("this CPU has no AVX2 (absent hardware)")
     ref, ours = make_pair(cell, 24, LARGE_HIDDEN[cell], dtype=torch.float32)
     x, hx = make_inputs(ref, with_hx=True, seq_len=3, batch=batch)
-    default = run(ours, x, hx)
-    monkeypatch.setenv("RNNEXT_STREAMING_BYTES", "0")
-    streamed = run(ours, x, hx)
+    with cpu_option("own_gemm", "avx2"):
+        default = run(ours, x, hx)
+        with cpu_option("streaming_bytes", "0"):
+            streamed = run(ours, x, hx)
     compare(run(ref, x, hx), streamed, torch.float32)
     assert_results_equal(default, streamed, what="streamed weights")

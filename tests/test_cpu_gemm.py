@@ -10,22 +10,20 @@ AVX-512 kernel, the AVX2 kernel and the BLAS (the library's sgemm).
   last column of C is written.
 * Both own kernels sum each element in the same order, so they give the same bits, and the
   same bits run to run and with the product split across 1 or 2 threads.
-* Layers through each route (rnnext._C.own_gemm switches it) match torch.nn.
+* Layers through each route (rnnext._C.cpu_option("own_gemm", route) switches it) match
+  torch.nn.
 
 A route this CPU lacks is skipped with the reason (absent hardware: AVX-512 or AVX2).
 """
 from __future__ import annotations
 
 import itertools
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import rnnext
-from helpers import CELLS, assert_results_close, assert_results_equal, make_inputs, make_pair, run
+from helpers import CELLS, assert_results_close, assert_results_equal, cpu_option, make_inputs, make_pair, run
 from rnnext import _C
 
 ROUTES = ("avx512", "avx2", "blas")
@@ -46,13 +44,6 @@ def route_available(route: str) -> bool:
 def require(route: str) -> None:
     if not route_available(route):
         pytest.skip(f"this CPU has no {route} (absent hardware)")
-
-
-@pytest.fixture
-def restore_own_gemm():
-    before = _C.own_gemm()
-    yield
-    _C.own_gemm(before)
 
 
 def operands(m, n, k, seed):
@@ -127,18 +118,18 @@ LAYERS = list(itertools.product(CELLS, ROUTES))
 
 
 @pytest.mark.parametrize("cell,route", LAYERS, ids=[f"{c}-{r}" for c, r in LAYERS])
-def test_layers_match_torch_on_each_route(cell, route, restore_own_gemm):
+def test_layers_match_torch_on_each_route(cell, route):
     require(route)
-    _C.own_gemm(route)
-    assert _C.own_gemm() == route
-    for batch in LAYER_BATCHES:
-        ref, ours = make_pair(cell, 40, 152, dtype=torch.float32, num_layers=2, bidirectional=True, seed=batch)
-        x, hx = make_inputs(ref, with_hx=True, seq_len=5, batch=batch)
-        assert_results_close(run(ref, x, hx), run(ours, x, hx), f"{cell} {route} B={batch}", scale_atol=True)
+    with cpu_option("own_gemm", route):
+        assert _C.cpu_option("own_gemm") == route
+        for batch in LAYER_BATCHES:
+            ref, ours = make_pair(cell, 40, 152, dtype=torch.float32, num_layers=2, bidirectional=True, seed=batch)
+            x, hx = make_inputs(ref, with_hx=True, seq_len=5, batch=batch)
+            assert_results_close(run(ref, x, hx), run(ours, x, hx), f"{cell} {route} B={batch}", scale_atol=True)
 
 
 @pytest.mark.parametrize("cell", CELLS)
-def test_layers_same_bits_on_both_own_kernels(cell, restore_own_gemm):
+def test_layers_same_bits_on_both_own_kernels(cell):
     """T=5, B=13 keeps every product on the per-step kernel (the input projection's chunk has
     65 rows), so the two kernels' identical sum order gives identical layers, forward and
     backward."""
@@ -148,16 +139,17 @@ def test_layers_same_bits_on_both_own_kernels(cell, restore_own_gemm):
     x, hx = make_inputs(ours, with_hx=True, seq_len=5, batch=13)
     results = {}
     for route in OWN:
-        _C.own_gemm(route)
-        results[route] = run(ours, x, hx)
+        with cpu_option("own_gemm", route):
+            results[route] = run(ours, x, hx)
     assert_results_equal(results["avx512"], results["avx2"], what=cell)
 
 
-def test_own_gemm_names(restore_own_gemm):
-    assert _C.own_gemm("blas") == "blas"
-    assert _C.own_gemm("auto") in OWN + ("blas",)
-    with pytest.raises(ValueError, match="expected auto, avx512, avx2 or blas"):
-        _C.own_gemm("sse")
+def test_own_gemm_names():
+    with cpu_option("own_gemm", "blas"):
+        assert _C.cpu_option("own_gemm") == "blas"
+        assert _C.cpu_option("own_gemm", "auto") in OWN + ("blas",)
+        with pytest.raises(ValueError, match="expected auto, avx512, avx2 or blas"):
+            _C.cpu_option("own_gemm", "sse")
     with pytest.raises(ValueError, match="route='fast'"):
         torch.ops.rnnext._step_gemm(torch.ones(1, 1), torch.ones(1, 1), torch.zeros(1, 1), "fast", False)
 
@@ -169,15 +161,3 @@ def test_step_gemm_checks_its_arguments():
         torch.ops.rnnext._step_gemm(torch.ones(2, 3).double(), torch.ones(4, 3), torch.zeros(2, 4), "blas", False)
 
 
-def _import_with(value: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, RNNEXT_OWN_GEMM=value)
-    code = "import rnnext; print(rnnext._C.own_gemm())"
-    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-
-
-def test_environment_variable_read_at_import():
-    blas = _import_with("blas")
-    assert blas.returncode == 0 and blas.stdout.strip() == "blas", blas.stderr
-    bad = _import_with("fastest")
-    assert bad.returncode != 0
-    assert "ValueError" in bad.stderr and "RNNEXT_OWN_GEMM='fastest'" in bad.stderr, bad.stderr

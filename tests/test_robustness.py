@@ -114,7 +114,7 @@ def pair(dtype, batch):
 # foreign library exists; rnnext has not looked up its BLAS yet.
 expected = [run(ref, x, hx) for ref, _, (x, hx) in (pair(*case) for case in CASES)]
 ctypes.CDLL(sys.argv[1], mode=ctypes.RTLD_GLOBAL)  # a foreign BLAS, in the global scope
-_C.own_gemm("blas")  # float32 per-step products on sgemm_ / MKL's packed GEMM too
+_C.cpu_option("own_gemm", "blas")  # float32 per-step products on sgemm_ / MKL's packed GEMM too
 for case, exp in zip(CASES, expected):
     _, ours, (x, hx) = pair(*case)
     assert_results_close(exp, run(ours, x, hx), str(case), scale_atol=True)

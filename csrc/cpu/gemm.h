@@ -28,6 +28,7 @@
 #include <string>
 #include <optional>
 
+#include "options.h"
 #include "packed_gemm.h"
 
 // Loops that should run at SIMD width are compiled for AVX-512, for AVX2 and for baseline
@@ -213,7 +214,7 @@ class StepWeight {
   StepWeight(const at::Tensor& w, int64_t max_rows, int64_t uses = kMinUsesToPack)
       : n_(w.size(0)), k_(w.size(1)), stored_transposed_(!w.is_contiguous() && w.t().is_contiguous()) {
     const bool fits_int = max_rows < INT_MAX && n_ < INT_MAX && k_ < INT_MAX;
-    const packed_gemm::Kernel own_kernel = packed_gemm::kernel();
+    const packed_gemm::Kernel own_kernel = options::own_gemm();
     if (uses < kMinUsesToPack) {
       w_ = stored_transposed_ ? w.t() : w.contiguous();
     } else if (std::is_same_v<T, float> && own_kernel != packed_gemm::Kernel::kNone &&
@@ -226,7 +227,7 @@ class StepWeight {
     } else if (max_rows <= kSmallGemmRows) {
       w_ = w.t().contiguous();
       small_ = true;
-    } else if (std::is_same_v<T, float> && fits_int && mkl_packed::api().ok() && packed_enabled()) {
+    } else if (std::is_same_v<T, float> && fits_int && mkl_packed::api().ok() && options::mkl_packed()) {
       const auto& mkl = mkl_packed::api();
       const size_t bytes = mkl.get_size(mkl_packed::kBMatrix, static_cast<int>(max_rows), static_cast<int>(n_),
                                         static_cast<int>(k_));
@@ -290,15 +291,6 @@ class StepWeight {
   // Fewer products than this take the weight as it is (see the class comment).
   static constexpr int64_t kMinUsesToPack = 3;
 
-  // RNNEXT_MKL_PACKED=0 keeps the plain sgemm (for comparisons).
-  static bool packed_enabled() {
-    static const bool on = [] {
-      const char* env = std::getenv("RNNEXT_MKL_PACKED");
-      return !(env && std::string(env) == "0");
-    }();
-    return on;
-  }
-
  private:
   int64_t n_, k_;
   bool stored_transposed_;
@@ -342,14 +334,8 @@ class OneDnnLinear {
 
   bool available() const { return ok_; }
 
-  // RNNEXT_ONEDNN=0 keeps every product on the BLAS route (for comparisons).
-  static bool enabled() {
-    static const bool on = [] {
-      const char* env = std::getenv("RNNEXT_ONEDNN");
-      return at::hasMKLDNN() && !(env && std::string(env) == "0");
-    }();
-    return on;
-  }
+  // oneDNN is there (a torch build with it) and not turned off (options::onednn).
+  static bool enabled() { return at::hasMKLDNN() && options::onednn(); }
 
   // x [m, k] (rows contiguous) -> new [m, n] tensor.
   at::Tensor operator()(const at::Tensor& x, const std::optional<at::Tensor>& bias = std::nullopt) const {

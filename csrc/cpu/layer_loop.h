@@ -26,6 +26,7 @@
 
 #include "../layer_ops.h"
 #include "gemm.h"
+#include "options.h"
 #include "scratch.h"
 
 namespace rnnext {
@@ -155,19 +156,13 @@ constexpr int64_t kFuseInputMinRows = 32;
 
 inline bool fuse_input_product(int64_t B, int64_t n_blocks) { return B >= kFuseInputMinRows && n_blocks > 1; }
 
-// Weights read per forward step from this many bytes on are taken to stream from memory
-// (half the 32 MiB L3 of the machine we bench; the rest of a step's data shares it):
+// Weights read per forward step from options::streaming_bytes() on (RNNEXT_STREAMING_BYTES,
+// default 16 MiB) are taken to stream from memory (half the 32 MiB L3 of the machine we
+// bench; the rest of a step's data shares it):
 // StepWeight::set_streaming (the AVX2 kernel's prefetch; the AVX-512 one measured better
 // without). Measured on Zen 3: LSTM and GRU at H=1024 (32 and 24 MiB per step) gain 4-12 %;
 // RNN at H=1024 and LSTM at H=512 (8 MiB) do not. The backward's W_hh^T product
-// measured no gain either, so it keeps the default. RNNEXT_STREAMING_BYTES=n sets the bound
-// instead (read at every call: comparisons, and the tests' small shapes).
-constexpr int64_t kStreamingWeightBytes = int64_t(16) << 20;
-
-inline int64_t streaming_weight_bytes() {
-  if (const char* env = std::getenv("RNNEXT_STREAMING_BYTES")) return std::atoll(env);
-  return kStreamingWeightBytes;
-}
+// measured no gain either, so it keeps the default.
 
 // A run of consecutive steps [t0, t1) and the rows they own, [row0, row0 + rows).
 struct StepChunk {
@@ -178,17 +173,14 @@ struct StepChunk {
 // just before the steps that read it: a chunk of ~kChunkBytes of gi is still in cache when
 // its steps run, it is big enough (>= kMinChunkRows rows) for the GEMM to run at full speed,
 // and the buffer is the same from chunk to chunk and call to call (scratch). Chunks are
-// listed in the order the direction processes them. RNNEXT_CHUNK_ROWS=n sets the rows per
-// chunk instead (read at every call; the tests use it to put chunk edges at small sizes).
+// listed in the order the direction processes them. options::chunk_rows() (RNNEXT_CHUNK_ROWS)
+// sets the rows per chunk instead (the tests use it to put chunk edges at small sizes).
 constexpr int64_t kChunkBytes = int64_t(4) << 20;
 constexpr int64_t kMinChunkRows = 512;
 
 inline std::vector<StepChunk> step_chunks(const Steps& st, int64_t row_bytes, bool reverse) {
   int64_t target = std::max<int64_t>(kMinChunkRows, kChunkBytes / std::max<int64_t>(1, row_bytes));
-  if (const char* env = std::getenv("RNNEXT_CHUNK_ROWS")) {
-    const int64_t rows = std::atoll(env);
-    if (rows > 0) target = rows;
-  }
+  if (options::chunk_rows() != options::kAutoChunkRows) target = options::chunk_rows();
   std::vector<StepChunk> chunks;
   int64_t t0 = 0;
   while (t0 < st.T) {
@@ -289,7 +281,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(const Tensor& x_in, con
     std::vector<StepWeight<scalar_t>> w_block, w_ih_block;
     std::vector<Tensor> b_block, b_ih_block;
     const int64_t step_weight_bytes = (w_hh_c.numel() + (fuse_input ? w_ih.numel() : 0)) * x.element_size();
-    const bool streaming = step_weight_bytes >= streaming_weight_bytes();
+    const bool streaming = step_weight_bytes >= options::streaming_bytes();
     for (const UnitBlock& ub : blocks) {
       w_block.emplace_back(gate_rows(w_hh_c, G, H, ub), B, st.T);
       w_block.back().set_streaming(streaming);

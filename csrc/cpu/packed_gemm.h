@@ -21,7 +21,7 @@
 // work is divided and whichever kernel runs.
 //
 // x86-64 with AVX2+FMA (checked at run time) at least; elsewhere StepWeight keeps the BLAS.
-// The kernel is the widest the CPU has unless RNNEXT_OWN_GEMM says otherwise (kernel()).
+// The kernel is the widest the CPU has unless RNNEXT_OWN_GEMM says otherwise (options.h).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -89,19 +89,6 @@ inline Kernel parse_kernel(const std::string& name, const char* what) {
                     " (the widest it has: ", kernel_name(widest_kernel()), ")");
   return k;
 }
-
-// The kernel StepWeight packs for: RNNEXT_OWN_GEMM when the library loads (read once), else
-// the widest; set_kernel() changes it for later op calls (tests and comparisons force each
-// route with it: rnnext._C.own_gemm).
-inline std::atomic<int>& kernel_slot() {
-  static std::atomic<int> slot{static_cast<int>([] {
-    const char* env = std::getenv("RNNEXT_OWN_GEMM");
-    return parse_kernel(env ? env : "", "RNNEXT_OWN_GEMM");
-  }())};
-  return slot;
-}
-inline Kernel kernel() { return static_cast<Kernel>(kernel_slot().load(std::memory_order_relaxed)); }
-inline void set_kernel(Kernel k) { kernel_slot().store(static_cast<int>(k), std::memory_order_relaxed); }
 
 // Floats of the packed form of a [n, k] weight.
 inline int64_t packed_size(int64_t n, int64_t k) { return (n + kNr - 1) / kNr * kNr * k; }
