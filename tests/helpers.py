@@ -435,6 +435,49 @@ def backward_args(cell: str, **kwargs):
     return (r(y), r(h_n), x, w_ih, w_hh, batch_sizes, rev, bias, y, ws, h0)
 
 
+def torch_layer_grads(cell: str, fwd, grad_y, grad_h_n, grad_c_n=None):
+    """The gradients a backward op returns for the forward-op arguments `fwd` (op_args, padded,
+    one layer, one direction) and output gradients, computed by torch.nn with the same weights
+    through autograd: [grad_x, grad_h0, (grad_c0,) grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh,
+    (grad_w_hr)], a missing bias or projection as an empty [0]. reverse: torch.nn runs the
+    time-flipped sequence."""
+    if cell == "lstm":
+        x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse = fwd
+    else:
+        (x, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse), c0, w_hr = fwd, None, None
+    assert batch_sizes is None, "padded sequences only"
+    bias = b_ih is not None
+    hidden = w_hh.shape[0] // GATES[cell]
+    kwargs = dict(bias=bias, dtype=x.dtype, device=x.device)
+    if cell == "lstm":
+        module = nn.LSTM(x.shape[-1], hidden, proj_size=w_hr.shape[0] if w_hr is not None else 0, **kwargs)
+    elif cell == "gru":
+        module = nn.GRU(x.shape[-1], hidden, **kwargs)
+    else:
+        module = nn.RNN(x.shape[-1], hidden, nonlinearity=cell[4:], **kwargs)
+    params = {"weight_ih_l0": w_ih, "weight_hh_l0": w_hh, "bias_ih_l0": b_ih, "bias_hh_l0": b_hh,
+              "weight_hr_l0": w_hr}
+    with torch.no_grad():
+        for name, value in params.items():
+            if value is not None:
+                getattr(module, name).copy_(value)
+    flip = (lambda t: t.flip(0)) if reverse else (lambda t: t)
+    xx = x.detach().clone().requires_grad_(True)
+    states = [h0.detach().clone().requires_grad_(True)] + ([c0.detach().clone().requires_grad_(True)] if c0 is not None else [])
+    hx = (states[0][None], states[1][None]) if cell == "lstm" else states[0][None]
+    y, state_n = module(flip(xx), hx)
+    outputs = [flip(y)] + ([state_n[0][0], state_n[1][0]] if cell == "lstm" else [state_n[0]])
+    grads_out = [grad_y, grad_h_n] + ([grad_c_n] if cell == "lstm" else [])
+    names = ["weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0"] + (["weight_hr_l0"] if cell == "lstm" else [])
+    present = [getattr(module, n) for n in names if params[n] is not None]
+    got = torch.autograd.grad(outputs, [xx, *states, *present], grads_out)
+    grads = list(got[:1 + len(states)])
+    rest = iter(got[1 + len(states):])
+    empty = x.new_empty(0)
+    grads += [next(rest) if params[n] is not None else empty for n in names]
+    return grads
+
+
 @contextlib.contextmanager
 def cpu_option(name: str, value: str):
     """Sets a CPU tuning option (csrc/cpu/options.h, rnnext._C.cpu_option) for the block, and

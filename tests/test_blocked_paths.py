@@ -5,9 +5,10 @@ shapes (B=3, H=5) never reach:
   recurrent product has at least 2^18 multiply-adds (csrc/cpu/layer_loop.h, unit_blocks);
   H=152 splits unevenly (64 + 88 units), so a block's width is not a multiple of the SIMD
   width;
-* with more than 4 rows per step, float32 products use MKL's packed weights (StepWeight),
-  packed once for B rows and then called with fewer rows as a packed batch shrinks;
-* float64 takes the plain dgemm with the same blocks.
+* float32 per-step products run on rnnext's own GEMM (the widest kernel the CPU has: see
+  test_cpu_gemm.py for each kernel), each block's weight slice packed once for B rows and
+  then called with fewer rows as a packed batch shrinks;
+* float64 takes the plain dgemm with the same blocks (a few rows: the small kernel).
 
 torch.nn with the same weights is the oracle; the tests pin two threads so the split happens
 on any machine. CPU-only: these are the CPU kernels' routes (forced with rnnext._C.cpu_option).

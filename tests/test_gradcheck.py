@@ -13,7 +13,7 @@ from torch.autograd import gradcheck, gradgradcheck
 from torch.profiler import ProfilerActivity, profile
 
 import rnnext  # noqa: F401  (registers the ops)
-from helpers import OP_CELLS, backward_args, backward_op, forward_op, op_args
+from helpers import OP_CELLS, backward_args, backward_op, forward_op, op_args, tolerance, torch_layer_grads
 
 OPS = OP_CELLS
 
@@ -128,22 +128,19 @@ def test_opcheck_backward_aot_dispatch(cell, bias, reverse, proj, device):
 
 
 @pytest.mark.parametrize("cell,bias,reverse,proj", CASES)
-def test_backward_op_output_shapes(cell, bias, reverse, proj, device):
-    """Gradients come back with their input's shape; a missing bias/projection gets [0]."""
+def test_backward_op_matches_torch(cell, bias, reverse, proj, device):
+    """Every gradient the backward op returns equals torch.nn's through autograd (same weights,
+    same output gradients, float64), in its input's shape, dtype and device; a missing
+    bias/projection gets [0]."""
     fwd = op_args(cell, bias=bias, reverse=reverse, proj=proj, requires_grad=False, device=device)
-    grads = backward_op(cell)(*backward_args(cell, bias=bias, reverse=reverse, proj=proj, device=device))
-    if cell == "lstm":
-        x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr = fwd[:8]
-        expected = [x.shape, h0.shape, c0.shape, w_ih.shape, w_hh.shape,
-                    b_ih.shape if bias else (0,), b_hh.shape if bias else (0,),
-                    w_hr.shape if proj else (0,)]
-    else:
-        x, h0, w_ih, w_hh, b_ih, b_hh = fwd[:6]
-        expected = [x.shape, h0.shape, w_ih.shape, w_hh.shape,
-                    b_ih.shape if bias else (0,), b_hh.shape if bias else (0,)]
-    assert [tuple(g.shape) for g in grads] == [tuple(s) for s in expected]
-    assert all(torch.isfinite(g).all() for g in grads)
-    assert all(g.device == fwd[0].device and g.dtype == fwd[0].dtype for g in grads)
+    args = backward_args(cell, bias=bias, reverse=reverse, proj=proj, device=device)
+    grads = backward_op(cell)(*args)
+    grad_c_n = args[2] if cell == "lstm" else None
+    expected = torch_layer_grads(cell, fwd, args[0], args[1], grad_c_n)
+    assert len(grads) == len(expected)
+    for i, (g, e) in enumerate(zip(grads, expected)):
+        assert g.shape == e.shape and g.dtype == e.dtype and g.device == e.device, (i, g.shape, e.shape)
+        torch.testing.assert_close(g, e, **tolerance(g.device, g.dtype), msg=lambda m: f"output {i}: {m}")
 
 
 # need_grad_x / need_grad_weights / need_grad_h0: a gradient not asked for comes back as [0]

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import rnnext  # noqa: F401  (registers the ops)
-from helpers import F32, OP_CELLS, forward_op, op_args
+from helpers import F32, OP_CELLS, forward_op, op_args, tolerance
 
 # T, B, I, H = 6, 4, 5, 7 (projection 3); packed: the batch shrinks 4, 4, 3, 2, 2, 1.
 SIZES = dict(steps=6, batch=4, input_size=5, hidden_size=7, proj_size=3, scale=1.0)
@@ -71,9 +71,16 @@ def test_default_initial_state_is_not_saved_as_a_block(mode, device):
     one_state, all_states = 4 * B * H, 4 * 4 * B * H  # bytes (float32; 2 layers x 2 directions)
     assert sizes, "nothing was saved for backward"
     assert one_state not in sizes and all_states not in sizes, sizes
-    # The gradients are those of a materialised zero state.
-    ref = getattr(rnnext, mode)(I, H, num_layers=2, bidirectional=True, device=device)
+    # Output, input gradient and every parameter gradient are torch.nn's (no hx there either).
+    ref = getattr(torch.nn, mode)(I, H, num_layers=2, bidirectional=True, device=device)
     ref.load_state_dict(m.state_dict())
-    zeros = torch.zeros(4, B, H, device=device)
-    y_ref, _ = ref(x, (zeros, zeros.clone()) if mode == "LSTM" else zeros)
-    torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
+    x_ref = x.detach().clone().requires_grad_()
+    y_ref, _ = ref(x_ref)
+    tol = tolerance(y.device, y.dtype)
+    torch.testing.assert_close(y, y_ref, **tol)
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(3)).to(device)
+    y.backward(g)
+    y_ref.backward(g)
+    torch.testing.assert_close(x.grad, x_ref.grad, **tol)
+    for (name, p), p_ref in zip(m.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, p_ref.grad, **tol, msg=lambda msg: f"{name}: {msg}")

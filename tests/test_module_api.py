@@ -243,7 +243,17 @@ def test_lstm_hx_as_one_tensor_error_type_matches_torch():
 def test_zero_batch_is_accepted_like_torch(name):
     ref, ours = _pair(name)
     x = torch.randn(5, 0, 4)
-    assert ours(x)[0].shape == ref(x)[0].shape == (5, 0, 5)
+    def flat(out):  # (output, h_n) or (output, (h_n, c_n)) -> a list of tensors
+        y, state = out
+        return [y, *(state if isinstance(state, tuple) else (state,))]
+
+    expected, got = flat(ref(x)), flat(ours(x))
+    assert [t.shape for t in got] == [t.shape for t in expected]
+    assert got[0].shape == (5, 0, 5)
+    sum(t.sum() for t in got).backward()
+    sum(t.sum() for t in expected).backward()
+    for p, p_ref in zip(ours.parameters(), ref.parameters()):
+        assert torch.equal(p.grad, p_ref.grad)  # zeros of the parameter's shape
 
 
 def test_replaced_parameter_of_wrong_shape_is_reported_by_name():
