@@ -24,7 +24,8 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
 import rnnext
-from helpers import CELL_KINDS, GATES, OP_CELLS, make_pair, raised, tolerance, weighted_loss
+from helpers import (CELL_KINDS, GATES, OP_CELLS, backward_args, backward_op, forward_op, make_pair, op_args, raised,
+                     tolerance, weighted_loss)
 from rnnext.modules import ArgumentTypeError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -801,6 +802,17 @@ BACKWARD_OP_CASES = [
     ("packed_sum_wrong", True, None, _set(batch_sizes=_BS(3, 2, 2)), ["sum"]),
     ("packed_increasing", True, None, _set(batch_sizes=_BS(1, 2, 3)), ["batch_sizes"]),
     ("packed_int32", True, None, _set(batch_sizes=_BS(3, 2, 1, dtype=torch.int32)), ["int64"]),
+    ("packed_float", True, None, _set(batch_sizes=_BS(3, 2, 1, dtype=F32)), ["int64"]),
+    ("packed_contains_zero", True, None, _set(batch_sizes=_BS(3, 3, 0)), ["batch_sizes"]),
+    ("packed_negative", True, None, _set(batch_sizes=_BS(3, 4, -1)), ["batch_sizes"]),
+    ("packed_first_below_h0_batch", True, None, _set(batch_sizes=_BS(2, 2, 2)), ["batch_sizes[0]"]),
+    ("packed_2d_batch_sizes", True, None, _set(batch_sizes=torch.tensor([[3, 2, 1]])), ["1-d"]),
+    ("packed_empty_batch_sizes", True, None, _set(batch_sizes=_BS()), ["empty"]),
+    ("w_ih_float64", False, None, _set(w_ih=lambda a, g: a["w_ih"].double()), ["w_ih", "dtype"]),
+    ("w_hh_float64", False, None, _set(w_hh=lambda a, g: a["w_hh"].double()), ["w_hh", "dtype"]),
+    ("y_float64", False, None, _set(y=lambda a, g: a["y"].double()), ["y", "dtype"]),
+    ("grad_h_n_float64", False, None, _set(grad_h_n=lambda a, g: a["grad_h_n"].double()), ["grad_h_n", "dtype"]),
+    ("grad_c_n_float64", False, ("lstm",), _set(grad_c_n=lambda a, g: a["grad_c_n"].double()), ["grad_c_n", "dtype"]),
     ("w_hr_wrong_cols", False, ("lstm",), _set(w_hr=lambda a, g: torch.randn(P, H + 2)), ["w_hr"]),
 ]
 BACKWARD_OP_PARAMS = [(cell, name, packed_input, change, words)
@@ -904,3 +916,51 @@ def test_no_invalid_call_crashes_the_process():
     assert f"calls {n_calls} raised {n_calls}" in proc.stdout, (
         "some invalid calls returned normally:\n"
         + "\n".join(line for line in proc.stdout.splitlines() if line.startswith("NORAISE")))
+
+
+# ============================================================================ any memory layout
+def _layouts(t: torch.Tensor):
+    """(name, contiguous tensor, the same values in another layout) for a tensor argument: a
+    transposed or strided copy, and a stride-0 expansion of its first row (a new value). An
+    empty tensor has no other layout."""
+    if t.numel() == 0:
+        return
+    yield "strided", t, _strided_copy(t)
+    if t.dim() >= 1 and t.shape[0] > 1:
+        expanded = t[:1].expand_as(t)
+        yield "expanded", expanded.contiguous(), expanded
+
+
+LAYOUT_CASES = [(cell, packed) for cell in OP_CELLS for packed in (False, True)]
+
+
+def _outputs_equal(got, expected, what):
+    assert len(got) == len(expected), what
+    for i, (g, e) in enumerate(zip(got, expected)):
+        assert g.shape == e.shape and torch.equal(g, e), f"{what}: output {i} differs"
+
+
+@pytest.mark.parametrize("cell,packed", LAYOUT_CASES, ids=[f"{c}-{'packed' if p else 'padded'}" for c, p in LAYOUT_CASES])
+def test_raw_ops_give_the_same_bits_for_any_layout(cell, packed, device):
+    """Every tensor argument of the forward and backward ops, batch_sizes included, passed
+    non-contiguous (transposed or strided storage) or expanded (stride 0): the same results,
+    bit for bit, as with contiguous arguments."""
+    kw = dict(proj=cell == "lstm", device=device, batch_sizes=[3, 2, 2, 1] if packed else None)
+    for op, args in ((forward_op(cell), op_args(cell, requires_grad=False, **kw)),
+                     (backward_op(cell), backward_args(cell, **kw))):
+        for i, arg in enumerate(args):
+            if not isinstance(arg, torch.Tensor):
+                continue
+            for name, contiguous, other in _layouts(arg):
+                if arg.dtype == torch.int64:  # batch_sizes: only a strided view keeps it valid
+                    if name != "strided":
+                        continue
+                base = list(args)
+                base[i] = contiguous
+                changed = list(args)
+                changed[i] = other
+                try:
+                    expected = op(*base)
+                except RuntimeError:
+                    continue  # a new value the op rejects (e.g. an expanded workspace); not a layout case
+                _outputs_equal(op(*changed), expected, f"{op.name()} argument {i} {name}")
