@@ -149,6 +149,16 @@ def _extension():
     # vectorise (rnnext never relies on floating-point traps).
     cxx = ["-O3", "-g0", "-fopenmp", "-fno-trapping-math"]
     link = _shared_libstdcxx()
+    # RNNEXT_SANITIZE=undefined or address (scripts/sanitize.sh): a checking build, with
+    # debug information and frame pointers for the reports; every UB finding is fatal.
+    sanitize = os.environ.get("RNNEXT_SANITIZE", "")
+    if sanitize:
+        if sanitize not in ("undefined", "address"):
+            sys.exit(f"RNNEXT_SANITIZE={sanitize!r}: expected undefined or address")
+        checks = "undefined,float-cast-overflow" if sanitize == "undefined" else "address"
+        flags = [f"-fsanitize={checks}", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"]
+        cxx = ["-O1", "-g", "-fopenmp", "-fno-trapping-math"] + flags
+        link = link + flags
     if _want_cuda():
         _default_arch_list()
         sources += _sources("csrc/cuda/*.cu")

@@ -91,6 +91,13 @@ struct BlasInt {
   const int* ptr() const { return reinterpret_cast<const int*>(&value); }
 };
 
+// memcpy of `count` values; nothing for none (the pointers of an empty tensor may be null,
+// and memcpy from or to null is undefined even for 0 bytes).
+template <typename T>
+inline void copy_values(T* dst, const T* src, int64_t count) {
+  if (count > 0) std::memcpy(dst, src, sizeof(T) * count);
+}
+
 template <typename T>
 at::Tensor view_of(const T* p, int64_t rows, int64_t cols, int64_t ld) {
   return at::from_blob(const_cast<T*>(p), {rows, cols}, {ld, 1},
@@ -270,7 +277,7 @@ class StepWeight {
   // C[rows, n] = bias (every row) + A @ W^T, or A @ W^T without a bias: bias [n] or nullptr.
   void multiply_bias(int64_t rows, const T* a, int64_t lda, const T* bias, T* c, int64_t ldc) const {
     if (bias) {
-      for (int64_t b = 0; b < rows; ++b) std::memcpy(c + b * ldc, bias, sizeof(T) * n_);
+      for (int64_t b = 0; b < rows; ++b) copy_values(c + b * ldc, bias, n_);
     }
     multiply(rows, a, lda, bias != nullptr, c, ldc);
   }

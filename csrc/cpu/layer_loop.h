@@ -202,9 +202,9 @@ void gather_h_prev(const Steps& st, bool reverse, const T* y, const T* h0, int64
     const int64_t rows = st.rows[t], off = st.offset[t];
     const int64_t prev = previous_step(st, t, reverse);
     const int64_t carried = carried_rows(st, t, reverse);
-    if (carried > 0) std::memcpy(h_prev + off * Hout, y + st.offset[prev] * Hout, sizeof(T) * carried * Hout);
+    if (carried > 0) copy_values(h_prev + off * Hout, y + st.offset[prev] * Hout, carried * Hout);
     if (rows > carried) {
-      std::memcpy(h_prev + (off + carried) * Hout, h0 + carried * Hout, sizeof(T) * (rows - carried) * Hout);
+      copy_values(h_prev + (off + carried) * Hout, h0 + carried * Hout, (rows - carried) * Hout);
     }
   }
 }
@@ -314,7 +314,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(const Tensor& x_in, con
           if (st.rows[prev] >= rows) {
             h_prev = y_prev;
           } else {
-            std::memcpy(h_ptr, y_prev, sizeof(scalar_t) * st.rows[prev] * Hout);
+            copy_values(h_ptr, y_prev, st.rows[prev] * Hout);
           }
         }
         scalar_t* h_out = !sz.proj ? y_ptr + off * Hout
@@ -380,8 +380,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(const Tensor& x_in, con
     for (int64_t t = 0; t < st.T; ++t) {
       const int64_t later = reverse ? (t == 0 ? 0 : st.rows[t]) : (t + 1 < st.T ? st.rows[t + 1] : 0);
       if (st.rows[t] > later) {
-        std::memcpy(h_ptr + later * Hout, y_ptr + (st.offset[t] + later) * Hout,
-                    sizeof(scalar_t) * (st.rows[t] - later) * Hout);
+        copy_values(h_ptr + later * Hout, y_ptr + (st.offset[t] + later) * Hout, (st.rows[t] - later) * Hout);
       }
     }
   });
