@@ -786,6 +786,11 @@ BACKWARD_OP_CASES = [
     ("workspace_float64", False, None, _set(ws=lambda a, g: a["ws"].double()), ["workspace", "dtype"]),
     ("workspace_rows_packed", True, None, _set(ws=lambda a, g: a["ws"][:-1]), ["workspace"]),
     ("grad_y_numel", False, None, _set(grad_y=lambda a, g: torch.ones(T, B, H + 1)), ["grad_y"]),
+    # The same number of elements in another shape is not reinterpreted.
+    ("grad_y_batch_major", False, None, _set(grad_y=lambda a, g: torch.ones(B, T, H)), ["grad_y"]),
+    ("grad_y_flat", False, None, _set(grad_y=lambda a, g: torch.ones(T * B * H)), ["grad_y"]),
+    ("y_batch_major", False, None, _set(y=lambda a, g: torch.ones(B, T, H)), ["y"]),
+    ("grad_y_packed_3d", True, None, _set(grad_y=lambda a, g: a["grad_y"].reshape(2, 3, -1)), ["grad_y"]),
     ("y_numel", False, None, _set(y=lambda a, g: torch.ones(T - 1, B, H)), ["y"]),
     ("grad_y_float64", False, None, _set(grad_y=lambda a, g: a["grad_y"].double()), ["grad_y", "dtype"]),
     ("grad_h_n_hidden", False, None, _set(grad_h_n=lambda a, g: torch.ones(B, H + 1)), ["grad_h_n"]),
