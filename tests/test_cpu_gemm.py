@@ -79,6 +79,19 @@ def test_step_gemm_matches_float64(route):
                 f"rounding bound by a factor {(err / bound).max().item():.2f}")
 
 
+@pytest.mark.parametrize("route", ROUTES)
+def test_step_gemm_chunk_sized_products(route):
+    """Chunk-sized products (the input projection of a chunk of steps: the AVX-512 kernel
+    takes up to 4096 rows), multi-threaded over strips, with partial strips and K blocks."""
+    require(route)
+    for m, n, k in ((300, 100, 257), (1000, 191, 40), (4096, 49, 3)):
+        a, w, c = operands(m, n, k, seed=m)
+        got = torch.ops.rnnext._step_gemm(a, w, c, route, True)
+        exact, bound = reference(a, w, c, True)
+        err = (got.double() - exact).abs()
+        assert bool((err <= bound).all()), f"{route} m={m} n={n} k={k}: {(err / bound).max().item():.2f}x the bound"
+
+
 def test_own_kernels_give_the_same_bits():
     require("avx512")
     require("avx2")
