@@ -9,6 +9,9 @@
 //     -> [grad_x, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh, grad_w_hr].
 // Each backend registers &SingleStateOps<Loop, Cell>::forward etc. for its dispatch key.
 //
+// Weights reach the loops contiguous (a copy only where the caller's are not): the products
+// then read the same memory whatever layout was given, so any layout gives the same bits.
+//
 // Autocast is off inside the ops: they compute in the dtype of their arguments (the modules
 // cast them first where torch.nn's layers would run in another dtype), so the GEMMs the loops
 // call through ATen (at::mm) return that dtype too, whatever autocast region calls the op.
@@ -22,6 +25,8 @@
 #include "layer_checks.h"
 
 namespace rnnext {
+
+inline OptTensor contiguous(const OptTensor& t) { return t.has_value() ? OptTensor(t->contiguous()) : std::nullopt; }
 
 // The weight gradients of a backward, after its step loop, on any device: single GEMMs over
 // all steps and column sums for the biases (no atomics: deterministic), empty [0] for what is
@@ -64,8 +69,8 @@ struct SingleStateOps {
                                                     const Tensor& w_hh, const OptTensor& b_ih, const OptTensor& b_hh,
                                                     const OptTensor& batch_sizes, bool reverse, bool need_backward) {
     const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
-    auto out = Loop::template forward<Cell>(x, h0, std::nullopt, w_ih, w_hh, b_ih, b_hh, std::nullopt, batch_sizes,
-                                            reverse, need_backward);
+    auto out = Loop::template forward<Cell>(x, h0, std::nullopt, w_ih.contiguous(), w_hh.contiguous(), b_ih, b_hh,
+                                            std::nullopt, batch_sizes, reverse, need_backward);
     return {std::get<0>(out), std::get<1>(out), std::get<3>(out)};
   }
 
@@ -74,9 +79,9 @@ struct SingleStateOps {
       const OptTensor& batch_sizes, bool reverse, bool has_bias, const Tensor& y, const Tensor& workspace,
       const Tensor& h0, bool need_grad_x, bool need_grad_weights, bool need_grad_h0) {
     const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
-    auto g = Loop::template backward<Cell>(grad_y, grad_h_n, std::nullopt, x, w_ih, w_hh, std::nullopt, batch_sizes,
-                                           reverse, has_bias, y, workspace, h0, std::nullopt, need_grad_x,
-                                           need_grad_weights, need_grad_h0);
+    auto g = Loop::template backward<Cell>(grad_y, grad_h_n, std::nullopt, x, w_ih.contiguous(), w_hh.contiguous(),
+                                           std::nullopt, batch_sizes, reverse, has_bias, y, workspace, h0,
+                                           std::nullopt, need_grad_x, need_grad_weights, need_grad_h0);
     return {g[0], g[1], g[3], g[4], g[5], g[6]};
   }
 };
@@ -90,8 +95,8 @@ struct LstmOps {
                                                             const OptTensor& w_hr, const OptTensor& batch_sizes,
                                                             bool reverse, bool need_backward) {
     const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
-    return Loop::template forward<Cell>(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse,
-                                        need_backward);
+    return Loop::template forward<Cell>(x, h0, c0, w_ih.contiguous(), w_hh.contiguous(), b_ih, b_hh,
+                                        contiguous(w_hr), batch_sizes, reverse, need_backward);
   }
 
   static std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward(
@@ -100,9 +105,9 @@ struct LstmOps {
       const Tensor& y, const Tensor& workspace, const Tensor& h0, const Tensor& c0, bool need_grad_x,
       bool need_grad_weights, bool need_grad_h0) {
     const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
-    auto g = Loop::template backward<Cell>(grad_y, grad_h_n, grad_c_n, x, w_ih, w_hh, w_hr, batch_sizes, reverse,
-                                           has_bias, y, workspace, h0, c0, need_grad_x, need_grad_weights,
-                                           need_grad_h0);
+    auto g = Loop::template backward<Cell>(grad_y, grad_h_n, grad_c_n, x, w_ih.contiguous(), w_hh.contiguous(),
+                                           contiguous(w_hr), batch_sizes, reverse, has_bias, y, workspace, h0, c0,
+                                           need_grad_x, need_grad_weights, need_grad_h0);
     return {g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7]};
   }
 };

@@ -478,6 +478,16 @@ def torch_layer_grads(cell: str, fwd, grad_y, grad_h_n, grad_c_n=None):
     return grads
 
 
+def require_gemm_route(route: str) -> None:
+    """Skips the test, naming the reason (absent hardware), where this CPU lacks the per-step
+    GEMM route ("avx512", "avx2"; "blas" is always there)."""
+    import pytest
+    try:
+        torch.ops.rnnext._step_gemm(torch.ones(1, 1), torch.ones(1, 1), torch.zeros(1, 1), route, False)
+    except ValueError:
+        pytest.skip(f"this CPU has no {route} (absent hardware)")
+
+
 @contextlib.contextmanager
 def cpu_option(name: str, value: str):
     """Sets a CPU tuning option (csrc/cpu/options.h, rnnext._C.cpu_option) for the block, and

@@ -20,7 +20,8 @@ import itertools
 import pytest
 import torch
 
-from helpers import CELLS, assert_results_close, assert_results_equal, cpu_option, make_inputs, make_pair, run, run_packed
+from helpers import (CELLS, assert_results_close, assert_results_equal, cpu_option, make_inputs, make_pair,
+                     require_gemm_route, run, run_packed)
 
 SEQ, BATCH, IN, HID = 7, 24, 40, 152
 LENGTHS = [7, 3, 5, 7, 1, 6, 2, 4, 7, 5, 3, 6, 1, 2, 7, 4, 5, 6, 3, 2, 7, 1, 4, 6]  # unsorted
@@ -150,10 +151,7 @@ def test_streamed_weight_prefetch(cell, batch):
     with every row count the 6-row blocks leave. Prefetches change no arithmetic: the bits
     equal the default route's, and torch.nn is matched. (The AVX-512 kernel has no such
     route; the AVX2 one is forced, and skipped only where the CPU lacks AVX2.)"""
-    try:
-        torch.ops.rnnext._step_gemm(torch.ones(1, 1), torch.ones(1, 1), torch.zeros(1, 1), "avx2", False)
-    except ValueError:
-        pytest.skip("this CPU has no AVX2 (absent hardware)")
+    require_gemm_route("avx2")
     ref, ours = make_pair(cell, 24, LARGE_HIDDEN[cell], dtype=torch.float32)
     x, hx = make_inputs(ref, with_hx=True, seq_len=3, batch=batch)
     with cpu_option("own_gemm", "avx2"):

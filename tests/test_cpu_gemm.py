@@ -23,7 +23,8 @@ import pytest
 import torch
 
 import rnnext
-from helpers import CELLS, assert_results_close, assert_results_equal, cpu_option, make_inputs, make_pair, run
+from helpers import (CELLS, assert_results_close, assert_results_equal, cpu_option, make_inputs, make_pair,
+                     require_gemm_route, run)
 from rnnext import _C
 
 ROUTES = ("avx512", "avx2", "blas")
@@ -31,19 +32,6 @@ OWN = ("avx512", "avx2")
 ROWS = list(range(1, 21)) + [25, 35, 64]
 COLS = (1, 15, 16, 17, 33, 47, 48, 49, 64, 100, 191)
 DEPTHS = (1, 3, 256, 257, 600)
-
-
-def route_available(route: str) -> bool:
-    try:
-        torch.ops.rnnext._step_gemm(torch.ones(1, 1), torch.ones(1, 1), torch.zeros(1, 1), route, False)
-    except ValueError:
-        return False
-    return True
-
-
-def require(route: str) -> None:
-    if not route_available(route):
-        pytest.skip(f"this CPU has no {route} (absent hardware)")
 
 
 def operands(m, n, k, seed):
@@ -65,7 +53,7 @@ def reference(a, w, c, accumulate):
 
 @pytest.mark.parametrize("route", ROUTES)
 def test_step_gemm_matches_float64(route):
-    require(route)
+    require_gemm_route(route)
     for m, n, k in itertools.product(ROWS, COLS, DEPTHS):
         a, w, c = operands(m, n, k, seed=m * 1000 + n * 10 + k)
         for accumulate in (False, True):
@@ -83,7 +71,7 @@ def test_step_gemm_matches_float64(route):
 def test_step_gemm_chunk_sized_products(route):
     """Chunk-sized products (the input projection of a chunk of steps: the AVX-512 kernel
     takes up to 4096 rows), multi-threaded over strips, with partial strips and K blocks."""
-    require(route)
+    require_gemm_route(route)
     for m, n, k in ((300, 100, 257), (1000, 191, 40), (4096, 49, 3)):
         a, w, c = operands(m, n, k, seed=m)
         got = torch.ops.rnnext._step_gemm(a, w, c, route, True)
@@ -93,8 +81,8 @@ def test_step_gemm_chunk_sized_products(route):
 
 
 def test_own_kernels_give_the_same_bits():
-    require("avx512")
-    require("avx2")
+    require_gemm_route("avx512")
+    require_gemm_route("avx2")
     for m, n, k in itertools.product(ROWS, COLS, DEPTHS):
         a, w, c = operands(m, n, k, seed=m + n + k)
         for accumulate in (False, True):
@@ -107,7 +95,7 @@ def test_own_kernels_give_the_same_bits():
 def test_step_gemm_same_bits_run_to_run_and_across_threads(route):
     """[64, 1024] x [1024, 1000]: large enough that multiply() splits the strips across threads
     (1000 columns: 62 full strips and a partial one)."""
-    require(route)
+    require_gemm_route(route)
     a, w, c = operands(64, 1000, 1024, seed=3)
     before = torch.get_num_threads()
     try:
@@ -132,7 +120,7 @@ LAYERS = list(itertools.product(CELLS, ROUTES))
 
 @pytest.mark.parametrize("cell,route", LAYERS, ids=[f"{c}-{r}" for c, r in LAYERS])
 def test_layers_match_torch_on_each_route(cell, route):
-    require(route)
+    require_gemm_route(route)
     with cpu_option("own_gemm", route):
         assert _C.cpu_option("own_gemm") == route
         for batch in LAYER_BATCHES:
@@ -146,8 +134,8 @@ def test_layers_same_bits_on_both_own_kernels(cell):
     """T=5, B=13 keeps every product on the per-step kernel (the input projection's chunk has
     65 rows), so the two kernels' identical sum order gives identical layers, forward and
     backward."""
-    require("avx512")
-    require("avx2")
+    require_gemm_route("avx512")
+    require_gemm_route("avx2")
     _, ours = make_pair(cell, 40, 152, dtype=torch.float32, num_layers=2, bidirectional=True)
     x, hx = make_inputs(ours, with_hx=True, seq_len=5, batch=13)
     results = {}

@@ -41,7 +41,7 @@ def test_variables_are_read_at_import():
                                        "streaming_bytes": "1024", "chunk_rows": "50"}
 
 
-MALFORMED = [("RNNEXT_OWN_GEMM", "fastest"), ("RNNEXT_MKL_PACKED", "no"), ("RNNEXT_ONEDNN", "true"),
+MALFORMED = [("RNNEXT_OWN_GEMM", "fastest"), ("RNNEXT_OWN_GEMM", ""), ("RNNEXT_MKL_PACKED", "no"), ("RNNEXT_ONEDNN", "true"),
              ("RNNEXT_STREAMING_BYTES", "16M"), ("RNNEXT_STREAMING_BYTES", "-1"), ("RNNEXT_STREAMING_BYTES", ""),
              ("RNNEXT_CHUNK_ROWS", "0"), ("RNNEXT_CHUNK_ROWS", "1e3"), ("RNNEXT_CHUNK_ROWS", " 5")]
 

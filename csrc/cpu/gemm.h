@@ -209,9 +209,10 @@ inline const Api& api() {
 // per time step, or once per chunk of steps). How is chosen once, at construction: for
 // float32 with AVX-512 or AVX2, our packed GEMM (packed_gemm.h) for step-sized products
 // (and, with AVX-512, chunk-sized ones: max_own_gemm_rows), MKL's packed GEMM for larger
-// ones (MKL's own threading and blocking win there); small_gemm_nn on W^T for a few rows; otherwise the plain gemm(). A weight used for
-// fewer than kMinUsesToPack products (a sequence of one or two steps: a *Cell call, a decoder
-// step) is not packed or transposed at all: the copy would cost about what the products do.
+// ones (MKL's own threading and blocking win there); small_gemm_nn on W^T for a few rows;
+// otherwise the plain gemm(). A weight used for fewer than kMinUsesToPack products (a
+// sequence of one or two steps: a *Cell call, a decoder step) is not packed or transposed at
+// all: the copy would cost about what the products do.
 template <typename T>
 class StepWeight {
  public:

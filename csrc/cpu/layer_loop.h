@@ -232,11 +232,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(const Tensor& x_in, con
   const int64_t r_col = workspace::proj_col(Cell::kBlocks, H);  // LSTM proj only
 
   const Tensor x = x_in.contiguous().view({st.N, sz.I});
-  // Every weight in its contiguous layout (a copy only where the caller's is not): the
-  // products then read the same memory whatever the layout given, so they give the same bits.
-  const Tensor w_ih_c = w_ih.contiguous();
   const Tensor w_hh_c = w_hh.contiguous();
-  const OptTensor w_hr_c = w_hr.has_value() ? OptTensor(w_hr->contiguous()) : std::nullopt;
   // A sequence too short to pack its weights (StepWeight::kMinUsesToPack) runs as one block:
   // a split would copy each block's gate rows of W_hh, and its products go to the BLAS, which
   // splits them across threads itself.
@@ -279,23 +275,23 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(const Tensor& x_in, con
     const scalar_t* x_ptr = x.data_ptr<scalar_t>();
     const std::optional<StepWeight<scalar_t>> w_ih_step =
         fuse_input ? std::nullopt
-                   : std::make_optional<StepWeight<scalar_t>>(w_ih_c, chunk_cap, st.T);
+                   : std::make_optional<StepWeight<scalar_t>>(w_ih, chunk_cap, st.T);
     const int64_t h_out_ld = sz.proj ? (need_backward ? ws_cols : H) : Hout;
     // y = r @ W_hr^T with a projection.
     const std::optional<StepWeight<scalar_t>> w_hr_step =
-        sz.proj ? std::make_optional<StepWeight<scalar_t>>(*w_hr_c, B, st.T) : std::nullopt;
+        sz.proj ? std::make_optional<StepWeight<scalar_t>>(*w_hr, B, st.T) : std::nullopt;
     // Each unit block's slice of W_hh [G*n, Hout] and of b_hh [G*n]; fused, also of W_ih
     // [G*n, I] and of gi's bias [G*n].
     std::vector<StepWeight<scalar_t>> w_block, w_ih_block;
     std::vector<Tensor> b_block, b_ih_block;
-    const int64_t step_weight_bytes = (w_hh_c.numel() + (fuse_input ? w_ih_c.numel() : 0)) * x.element_size();
+    const int64_t step_weight_bytes = (w_hh_c.numel() + (fuse_input ? w_ih.numel() : 0)) * x.element_size();
     const bool streaming = step_weight_bytes >= options::streaming_bytes();
     for (const UnitBlock& ub : blocks) {
       w_block.emplace_back(gate_rows(w_hh_c, G, H, ub), B, st.T);
       w_block.back().set_streaming(streaming);
       b_block.push_back(gh_bias ? gate_rows(*b_hh, G, H, ub).contiguous() : Tensor());
       if (fuse_input) {
-        w_ih_block.emplace_back(gate_rows(w_ih_c, G, H, ub), B, st.T);
+        w_ih_block.emplace_back(gate_rows(w_ih, G, H, ub), B, st.T);
         w_ih_block.back().set_streaming(streaming);
         b_ih_block.push_back(gi_bias.has_value() ? gate_rows(*gi_bias, G, H, ub).contiguous() : Tensor());
       }
@@ -420,10 +416,7 @@ std::vector<Tensor> layer_backward(const Tensor& grad_y_in, const Tensor& grad_h
   const Tensor grad_y = grad_y_in.contiguous().view({st.N, Hout});
   const Tensor y = y_in.contiguous().view({st.N, Hout});
   const Tensor ws = ws_in.contiguous();
-  // Contiguous weights, as in the forward (the same bits for any layout given).
-  const Tensor w_ih_c = w_ih.contiguous();
   const Tensor w_hh_c = w_hh.contiguous();
-  const OptTensor w_hr_c = w_hr.has_value() ? OptTensor(w_hr->contiguous()) : std::nullopt;
 
   Tensor dh_state = grad_h_n.contiguous().clone();
   Tensor dc_state = Cell::kHasCellState ? grad_c_n->contiguous().clone() : Tensor();
@@ -450,7 +443,7 @@ std::vector<Tensor> layer_backward(const Tensor& grad_y_in, const Tensor& grad_h
     const StepWeight<scalar_t> w_hh_step(w_hh_c.t(), B, st.T);
     // dr = dh @ W_hr likewise: the step weight is W_hr^T [H, Hout].
     const std::optional<StepWeight<scalar_t>> w_hr_step =
-        sz.proj ? std::make_optional<StepWeight<scalar_t>>(w_hr_c->t(), B, st.T) : std::nullopt;
+        sz.proj ? std::make_optional<StepWeight<scalar_t>>(w_hr->t(), B, st.T) : std::nullopt;
     BackwardStep<scalar_t> step;
     step.H = H;
     step.Hout = Hout;
@@ -497,8 +490,8 @@ std::vector<Tensor> layer_backward(const Tensor& grad_y_in, const Tensor& grad_h
   // grad_x and the weight gradients: one GEMM each over all steps, no per-step accumulation.
   Tensor grad_x = x.new_empty({0});
   if (need_grad_x) {
-    const OneDnnLinear input_linear(w_ih_c.t(), st.N, st.N);
-    grad_x = (input_linear.available() ? input_linear(d_gi) : at::mm(d_gi, w_ih_c)).view(x_in.sizes());
+    const OneDnnLinear input_linear(w_ih.t(), st.N, st.N);
+    grad_x = (input_linear.available() ? input_linear(d_gi) : at::mm(d_gi, w_ih)).view(x_in.sizes());
   }
   return backward_outputs(grad_x, dh_state, dc_state, need_grad_h0, need_grad_weights, d_gi, d_gh, x, h_prev_all,
                           has_bias, sz.proj ? OptTensor(dh_all) : std::nullopt,

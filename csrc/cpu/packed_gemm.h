@@ -11,9 +11,9 @@
 // strips follow each other. The last strip is zero-padded. Two micro-kernels read it:
 //  * AVX2: a [kMr = 6, 16] tile of C in 12 registers; per k, 6 broadcasts of A against the
 //    strip's 2 vectors (12 FMAs). One strip stays in L1 while every row block streams past.
-//  * AVX-512: a [r <= 12, 32] tile (two adjacent strips, 24 of the 32 registers); per k,
-//    r broadcasts against 2 vectors (2r FMAs): half the loads of A per multiply-add, and
-//    half the instructions. A last partial strip is read and written through lane masks.
+//  * AVX-512: a [r <= 9, 48] tile (three adjacent strips, 27 of the 32 registers); per k,
+//    r broadcasts against 3 vectors (3r FMAs): a third of the loads of A per multiply-add,
+//    and fewer instructions. A last partial strip is read and written through lane masks.
 //
 // Sum order: per element, each K block is summed from zero in p order, then added to C (to
 // the previous blocks' sum, or to C's old value when accumulating). It depends on neither
@@ -70,11 +70,11 @@ inline Kernel widest_kernel() {
   return cpu_supports(Kernel::kAvx512) ? Kernel::kAvx512 : cpu_supports(Kernel::kAvx2) ? Kernel::kAvx2 : Kernel::kNone;
 }
 
-// "auto" (the widest this CPU has), "avx512", "avx2" or "blas" (also "0": the own GEMM off)
-// -> the kernel; an unknown name, or a kernel this CPU lacks, is an error naming both.
+// "auto" (also "1": the widest this CPU has), "avx512", "avx2" or "blas" (also "0": the own
+// GEMM off) -> the kernel; an unknown name, or a kernel this CPU lacks, is an error naming both.
 inline Kernel parse_kernel(const std::string& name, const char* what) {
   Kernel k;
-  if (name.empty() || name == "auto" || name == "1") {
+  if (name == "auto" || name == "1") {
     k = widest_kernel();
   } else if (name == "avx512") {
     k = Kernel::kAvx512;
@@ -336,8 +336,8 @@ RNNEXT_AVX512 inline void multiply_strips_512(int64_t m, int64_t n, int64_t k, c
 inline void multiply(Kernel kernel, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
                      const float* packed, bool accumulate, float* c, int64_t ldc, bool streaming = false) {
 #if RNNEXT_HAVE_PACKED_GEMM
-  TORCH_CHECK(kernel != Kernel::kNone && cpu_supports(kernel), "rnnext: packed GEMM kernel ", kernel_name(kernel),
-              " is not available on this CPU");
+  // Callers pass a kernel parse_kernel accepted (options.h, step_gemm.cpp): this CPU has it.
+  TORCH_INTERNAL_ASSERT_DEBUG_ONLY(kernel != Kernel::kNone && cpu_supports(kernel));
   if (m == 0 || n == 0) return;
   if (k == 0) {
     if (!accumulate) {

@@ -218,15 +218,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(const Tensor& x_in, con
   const int64_t r_col = workspace::proj_col(Cell::kBlocks, H);
 
   const Tensor x = x_in.contiguous().view({st.N, sz.I});
-  // Contiguous weights: cuBLAS then sees the same layout whatever the caller's, so any
-  // layout gives the same bits.
-  const Tensor w_ih_c = w_ih.contiguous();
   const Tensor w_hh_c = w_hh.contiguous();
   const Tensor w_hr_c = sz.proj ? w_hr->contiguous() : Tensor();
   const Tensor b_ih_c = b_ih.has_value() ? b_ih->contiguous() : Tensor();
   const Tensor b_hh_c = b_hh.has_value() ? b_hh->contiguous() : Tensor();
   // gi = x @ W_ih^T for every step at once: [N, I] x [I, G*H]
-  const Tensor gi = at::mm(x, w_ih_c.t());
+  const Tensor gi = at::mm(x, w_ih.t());
   Tensor y = x.new_empty({st.N, Hout});
   Tensor ws = x.new_empty({need_backward ? st.N : 0, ws_cols});
   Tensor r_buf = (sz.proj && !need_backward) ? x.new_empty({B, H}) : Tensor();  // o * tanh(c)
@@ -319,7 +316,6 @@ std::vector<Tensor> layer_backward(const Tensor& grad_y_in, const Tensor& grad_h
   const Tensor grad_y = grad_y_in.contiguous().view({st.N, Hout});
   const Tensor y = y_in.contiguous().view({st.N, Hout});
   const Tensor ws = ws_in.contiguous();
-  const Tensor w_ih_c = w_ih.contiguous();
   const Tensor w_hh_c = w_hh.contiguous();
   const Tensor w_hr_c = sz.proj ? w_hr->contiguous() : Tensor();
   const Tensor h0_c = h0.contiguous();
@@ -401,7 +397,7 @@ std::vector<Tensor> layer_backward(const Tensor& grad_y_in, const Tensor& grad_h
   });
 
   // grad_x and the weight gradients: one GEMM each over all steps, no per-step accumulation.
-  Tensor grad_x = need_grad_x ? at::mm(d_gi, w_ih_c).view(x_in.sizes()) : x.new_empty({0});
+  Tensor grad_x = need_grad_x ? at::mm(d_gi, w_ih).view(x_in.sizes()) : x.new_empty({0});
   return backward_outputs(grad_x, dh_state, dc_state, need_grad_h0, need_grad_weights, d_gi, d_gh, x, h_prev_all,
                           has_bias, sz.proj ? OptTensor(dh_all) : std::nullopt,
                           sz.proj ? OptTensor(ws.narrow(1, r_col, H)) : std::nullopt);
