@@ -91,13 +91,22 @@ inline void check_shape(const Tensor& t, at::IntArrayRef shape, const char* name
   TORCH_CHECK(t.sizes() == shape, "rnnext: ", name, " must have shape ", shape, ", got ", t.sizes());
 }
 
-// Which device a backend's kernels run on, and the dtypes they take.
+// Which device a backend's kernels run on. Both take float32, float64, float16 and bfloat16.
+// The training workspace holds the input's dtype, except float16/bfloat16 on the CPU: its loops
+// compute those in float32 and keep their float32 gates, since gates rounded to bfloat16 cost
+// the backward several units of roundoff (a bias gradient 4x torch.nn's error, measured
+// against float64). rnnext/_ops.py's fake kernels follow workspace_dtype.
 struct Backend {
   at::DeviceType device;
-  bool half_types;  // float16 and bfloat16 besides float32 and float64
+  bool float32_workspace_for_half;
 };
-constexpr Backend kCpuBackend{at::kCPU, false};
-constexpr Backend kCudaBackend{at::kCUDA, true};
+constexpr Backend kCpuBackend{at::kCPU, true};
+constexpr Backend kCudaBackend{at::kCUDA, false};
+
+inline at::ScalarType workspace_dtype(const Backend& backend, at::ScalarType input) {
+  const bool half = input == at::kHalf || input == at::kBFloat16;
+  return half && backend.float32_workspace_for_half ? at::kFloat : input;
+}
 
 // Sizes of a layer, read from (and checked against) its weights, and its step layout.
 struct LayerSizes {
@@ -113,13 +122,8 @@ LayerSizes check_weights(const Backend& backend, const Tensor& x, const Tensor& 
   TORCH_CHECK(x.device().type() == backend.device, "rnnext: this op's ", c10::DeviceTypeName(backend.device),
               " kernel got an input on ", x.device());
   const auto dtype = x.scalar_type();
-  if (backend.half_types) {
-    TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
-                "rnnext: input must be float32, float64, float16 or bfloat16, got ", dtype);
-  } else {
-    TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, "rnnext: input must be float32 or float64, got ",
-                dtype);
-  }
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
+              "rnnext: input must be float32, float64, float16 or bfloat16, got ", dtype);
   TORCH_CHECK(x.dim() == 2 || x.dim() == 3, "rnnext: input x must be 3-D [T, B, I] or packed 2-D [N, I], got ",
               x.dim(), "-D");
   TORCH_CHECK(w_ih.dim() == 2 && w_hh.dim() == 2, "rnnext: w_ih and w_hh must be 2-D");
@@ -201,7 +205,11 @@ LayerSizes check_backward_args(const Backend& backend, const Tensor& grad_y, con
   check_shape(grad_y, y_shape, "grad_y");
   check_same(x, y, "y");
   check_shape(y, y_shape, "y");
-  check_same(x, ws, "workspace");
+  TORCH_CHECK(ws.device() == x.device(), "rnnext: workspace is on ", ws.device(), " but the input is on ",
+              x.device());
+  const auto ws_dtype = workspace_dtype(backend, x.scalar_type());
+  TORCH_CHECK(ws.scalar_type() == ws_dtype, "rnnext: workspace has dtype ", ws.scalar_type(), " but the forward saves ",
+              ws_dtype, " for input dtype ", x.scalar_type());
   check_shape(ws, {s.steps.N, s.ws_cols}, "workspace");
   check_state(x, h0, B, s.Hout, "h0");
   if (Cell::kHasCellState) {

@@ -1,6 +1,6 @@
-"""Command line: ``python -m rnnext check`` (parity report against torch.nn) and
-``python -m rnnext bench`` (speed report against torch.nn), on the CPU or, with
-``--device cuda``, on a CUDA device."""
+"""Command line: `python -m rnnext check` (parity report against torch.nn) and
+`python -m rnnext bench` (speed report against torch.nn), on the CPU or, with
+`--device cuda`, on a CUDA device."""
 from __future__ import annotations
 
 import argparse
@@ -129,11 +129,12 @@ def check(args) -> int:
     if device.type == "cuda":
         print("(torch.nn on the same GPU, TF32 off in cuDNN and cuBLAS during the check)")
     if halves:
-        print(f"{' and '.join(_dtype_name(d) for d in halves)}: ours and torch.nn in that dtype on the GPU, "
+        where = "on the GPU" if device.type == "cuda" else "on the CPU"
+        print(f"{' and '.join(_dtype_name(d) for d in halves)}: ours and torch.nn in that dtype {where}, "
               "each against a float64 oracle")
         print("(torch.nn in float64 on the CPU, same weights and inputs); pass if ours <= "
-              f"max({parity.HALF_FACTOR:g} x torch.nn's, floor),")
-        print("floor " + ", ".join(f"{_dtype_name(d)} {parity.HALF_FLOOR[d]:.0e}" for d in halves))
+              + ", ".join(f"{_dtype_name(d)} max({f:g} x torch.nn's, {floor:.0e})"
+                          for d in halves for f, floor in [parity.HALF_ALLOWANCE[(device.type, d)]]))
     print()
     # One value fits 9 characters; a half row shows "ours 3.1e-03 / torch.nn 2.9e-03".
     width = 31 if halves else 9
@@ -177,14 +178,19 @@ def bench(args) -> int:
     from . import bench as b
 
     device = args.device
-    if not _require(device):
-        return 2
     warnings.filterwarnings("ignore", message="LSTM with projections is not supported")
+
     def chosen(rows):
         return [r for r in rows if not args.only or any(key.lower() in r.name().lower() for key in args.only)]
 
     rows = chosen(b.default_rows(device)) if args.suite in ("all", "sequence") else []
     steps = chosen(b.step_rows()) if args.suite in ("all", "step") else []
+    if args.list:
+        for row in rows + steps:
+            print(row.name())
+        return 0
+    if not _require(device):
+        return 2
     machine = _describe(device)
     print(f"rnnext vs torch.nn speed — {machine}")
     if device.type == "cpu":
@@ -220,18 +226,24 @@ def bench(args) -> int:
 
 
 def main(argv=None) -> int:
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="python -m rnnext", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version",
+                        version=f"rnnext {__version__} (torch {torch.__version__})")
+    sub = parser.add_subparsers(dest="command")
     device_help = ("where both modules run: cpu (default), cuda or cuda:N; "
                    "exit status 2 when no CUDA device is available")
     p_check = sub.add_parser("check", help="parity report against torch.nn (exit 1 on any FAIL); --device cuda for a GPU")
     p_check.add_argument("--quick", action="store_true", help="float64 configurations only")
     p_check.add_argument("--device", type=_device_arg, default="cpu",
-                         help=device_help + " (on CUDA also float16 and bfloat16 against a float64 oracle)")
+                         help=device_help + " (float16 and bfloat16 are measured against a float64 oracle)")
     p_check.set_defaults(func=check)
     p_bench = sub.add_parser("bench", help="speed report against torch.nn; --device cuda for a GPU")
     p_bench.add_argument("--repeats", type=int, default=7, help="interleaved repeats per row (median)")
-    p_bench.add_argument("--only", nargs="*", help="run rows whose name contains any of these")
+    p_bench.add_argument("--only", nargs="*", metavar="TEXT",
+                         help="run only the rows whose name contains any of these (see --list)")
+    p_bench.add_argument("--list", action="store_true", help="print the row names (of --suite, on --device) and exit")
     p_bench.add_argument("--suite", choices=("all", "sequence", "step"), default="all",
                          help="whole sequences, one step per call, or both (default)")
     p_bench.add_argument("--json", help="also write the results to this JSON file")
@@ -239,6 +251,9 @@ def main(argv=None) -> int:
                          help=device_help + " (on CUDA timed with CUDA events, two more rows)")
     p_bench.set_defaults(func=bench)
     args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
     return args.func(args)
 
 

@@ -30,6 +30,14 @@ def workspace_cols(cell: str, hidden_size: int, proj: bool) -> int:
     return (_WORKSPACE_BLOCKS[cell] + (1 if proj else 0)) * hidden_size
 
 
+def workspace_dtype(x: Tensor) -> torch.dtype:
+    """The workspace's dtype for input x (csrc/layer_checks.h, workspace_dtype): x's, except
+    float32 for float16/bfloat16 on the CPU, whose loops compute and save in float32."""
+    if x.device.type == "cpu" and x.dtype in (torch.float16, torch.bfloat16):
+        return torch.float32
+    return x.dtype
+
+
 class LayerWeights(NamedTuple):
     """The parameters of one layer in one direction (torch.nn's names in brackets)."""
 
@@ -118,7 +126,7 @@ def _fake_forward(cell, x, h0, c0, w_ih, w_hh, w_hr, need_backward):
     rows = math.prod(x.shape[:-1]) if need_backward else 0
     y = x.new_empty((*x.shape[:-1], hidden_out))
     h_n = h0.new_empty(h0.shape)
-    ws = x.new_empty((rows, workspace_cols(cell, hidden, w_hr is not None)))
+    ws = x.new_empty((rows, workspace_cols(cell, hidden, w_hr is not None)), dtype=workspace_dtype(x))
     if cell == "lstm":
         return y, h_n, c0.new_empty(c0.shape), ws
     return y, h_n, ws

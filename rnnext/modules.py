@@ -34,6 +34,35 @@ def _apply_permutation(tensor: Tensor, permutation: Tensor, dim: int = 1) -> Ten
     return tensor.index_select(dim, permutation)
 
 
+def _cpu_autocast_dtypes(mode: str, x: Tensor, h: Tensor, c: Optional[Tensor], *, onednn: bool = False,
+                         proj: bool = False):
+    """The dtypes torch.nn returns for (h, c) under torch.autocast("cpu") (its output has h's),
+    or None where CPU autocast does not apply (another device, autocast off, float64 input).
+
+    torch.nn's recurrent layers meet CPU autocast through its lower-precision op list. oneDNN's
+    LSTM (an LSTM layer without projection on padded input, oneDNN enabled: `onednn`) runs
+    wholly in the autocast dtype d. Elsewhere only the GEMMs (linear) return d and the state
+    updates promote them with the carried state: an RNN's h is d; a GRU's h' = (1-z)*n + z*h
+    and an LSTM's c' = f*c + i*g take the state's dtype where it is wider, and the LSTM's
+    h = o*tanh(c') follows c', or is d after a projection. rnnext computes in the parameters'
+    dtype and rounds its outputs to these dtypes (so it is at least as accurate)."""
+    if x.device.type != "cpu" or x.dtype == torch.float64 or not torch.is_autocast_enabled("cpu"):
+        return None
+    d = torch.get_autocast_dtype("cpu")
+    if mode in ("RNN_TANH", "RNN_RELU"):
+        return d, None
+    if mode == "GRU":
+        return torch.promote_types(d, h.dtype), None
+    if onednn and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled and x.numel() > 0:
+        return d, d
+    c_dtype = torch.promote_types(d, c.dtype)
+    return (d if proj else c_dtype), c_dtype
+
+
+def _to(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
+    return t if t is None else t.to(dtype)
+
+
 class _FromTorch:
     @classmethod
     def from_torch(cls, module: nn.Module):
@@ -269,6 +298,11 @@ class RNNBase(_FromTorch, nn.Module):
             c0 = self._zeros(batch, x, cell_state=True) if is_lstm else None
         else:
             h0, c0 = self._unpack_hx(hx, is_batched, packed=batch_sizes is not None)
+        autocast_dtypes = _cpu_autocast_dtypes(self.mode, x, h0, c0, onednn=batch_sizes is None and not self.proj_size,
+                                               proj=self.proj_size > 0)
+        if autocast_dtypes is not None:  # computed in the parameters' dtype, rounded at the end
+            weight_dtype = self.weight_ih_l0.dtype
+            x, h0, c0 = x.to(weight_dtype), h0.to(weight_dtype), _to(c0, weight_dtype)
         self._check_input(x, batch_sizes)
         for state in (h0, c0) if is_lstm else (h0,):
             if state.dtype != x.dtype or state.device != x.device:
@@ -288,6 +322,8 @@ class RNNBase(_FromTorch, nn.Module):
 
         y, h_n, c_n = rnn_stack(self._cell, x, batch_sizes, h0, c0, self._layer_weights(),
                                 self.num_layers, self.bidirectional, self.dropout, self.training)
+        if autocast_dtypes is not None:
+            y, h_n, c_n = y.to(autocast_dtypes[0]), h_n.to(autocast_dtypes[0]), _to(c_n, autocast_dtypes[1])
 
         if batch_sizes is not None:
             output = PackedSequence(y, batch_sizes, sorted_indices, unsorted_indices)
@@ -470,8 +506,13 @@ class RNNCellBase(_FromTorch, nn.Module):
                 raise ValueError(f"{name}: Expected hidden to be 1D or 2D, got {hx.dim()}D instead")
         h = (torch.zeros(input.size(0), self.hidden_size, dtype=input.dtype, device=input.device)
              if hx is None else (hx if is_batched else hx.unsqueeze(0)))
+        autocast_dtypes = _cpu_autocast_dtypes("GRU" if self._cell == "gru" else "RNN_TANH", input, h, None)
+        if autocast_dtypes is not None:  # computed in the parameters' dtype, rounded at the end
+            input, h = input.to(self.weight_ih.dtype), h.to(self.weight_ih.dtype)
         self._check(input, [h])
         h_new, _ = self._step(input, h, None)
+        if autocast_dtypes is not None:
+            h_new = h_new.to(autocast_dtypes[0])
         return h_new if is_batched else h_new.squeeze(0)
 
     def _prepare(self, input, hx, name: str):
@@ -537,8 +578,14 @@ class LSTMCell(RNNCellBase):
             h, c = zeros, zeros
         else:
             h, c = hx if is_batched else (hx[0].unsqueeze(0), hx[1].unsqueeze(0))
+        autocast_dtypes = _cpu_autocast_dtypes("LSTM", input, h, c)
+        if autocast_dtypes is not None:  # computed in the parameters' dtype, rounded at the end
+            weight_dtype = self.weight_ih.dtype
+            input, h, c = input.to(weight_dtype), h.to(weight_dtype), c.to(weight_dtype)
         self._check(input, [h, c])
         h_new, c_new = self._step(input, h, c)
+        if autocast_dtypes is not None:
+            h_new, c_new = h_new.to(autocast_dtypes[0]), c_new.to(autocast_dtypes[1])
         return (h_new, c_new) if is_batched else (h_new.squeeze(0), c_new.squeeze(0))
 
 

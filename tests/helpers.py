@@ -11,6 +11,7 @@ every device sees the same values.
 from __future__ import annotations
 
 import contextlib
+import copy
 import warnings
 from typing import Callable, Dict, List, Optional
 
@@ -19,6 +20,7 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 import rnnext
+from rnnext.parity import half_allowance
 
 F64, F32, F16, BF16 = torch.float64, torch.float32, torch.float16, torch.bfloat16
 
@@ -185,10 +187,10 @@ def weighted_loss(outputs: List[torch.Tensor], seed: int = 1234, loss_dtype=None
     return sum((o * loss_weights(o, g, loss_dtype)).sum() for o in outputs)
 
 
-def _autocast(dtype):
+def _autocast(dtype, device_type: str):
     if dtype is None:
         return contextlib.nullcontext()
-    return torch.autocast("cuda", dtype=dtype)
+    return torch.autocast(device_type, dtype=dtype)
 
 
 def run(module, x, hx=None, *, loss_seed: int = 1234, loss_dtype=None,
@@ -198,7 +200,7 @@ def run(module, x, hx=None, *, loss_seed: int = 1234, loss_dtype=None,
     The loss is weighted_loss of the output and of the final states. Returns the results and
     every gradient, keyed by name: 'out', 'h_n', 'c_n', 'grad_x', 'grad_h0', 'grad_c0', and
     'param.<name>' per parameter. autocast_dtype runs the forward under
-    torch.autocast("cuda", dtype=autocast_dtype) (and the backward outside it)."""
+    torch.autocast(x's device type, dtype=autocast_dtype) (and the backward outside it)."""
     is_lstm = module.mode == "LSTM"
     module.zero_grad(set_to_none=True)
     x = leaf(x)
@@ -212,7 +214,7 @@ def run(module, x, hx=None, *, loss_seed: int = 1234, loss_dtype=None,
             h0 = leaf(hx)
             call_hx = h0
     with torch_oracle(module):
-        with _autocast(autocast_dtype):
+        with _autocast(autocast_dtype, x.device.type):
             y, state = module(x, call_hx)
         h_n, c_n = state if is_lstm else (state, None)
         weighted_loss([y, h_n] + ([c_n] if is_lstm else []), loss_seed, loss_dtype).backward()
@@ -228,10 +230,11 @@ def run(module, x, hx=None, *, loss_seed: int = 1234, loss_dtype=None,
     return res
 
 
-def run_packed(module, x, lengths, hx, enforce_sorted, loss_seed=7, loss_dtype=None):
+def run_packed(module, x, lengths, hx, enforce_sorted, loss_seed=7, loss_dtype=None, autocast_dtype=None):
     """Forward on pack_padded_sequence(x) and backward of a loss weighting every valid output
     element and every final-state element differently; returns results and gradients.
-    batch_sizes stays on the CPU whatever x's device, as torch makes it."""
+    batch_sizes stays on the CPU whatever x's device, as torch makes it. autocast_dtype: the
+    forward runs under torch.autocast as in run()."""
     is_lstm = module.mode == "LSTM"
     module.zero_grad(set_to_none=True)
     x = leaf(x)
@@ -243,7 +246,8 @@ def run_packed(module, x, lengths, hx, enforce_sorted, loss_seed=7, loss_dtype=N
     packed = pack_padded_sequence(x, lengths, batch_first=module.batch_first, enforce_sorted=enforce_sorted)
     assert packed.batch_sizes.device.type == "cpu"
     with torch_oracle(module):
-        out, state = module(packed, call_hx)
+        with _autocast(autocast_dtype, x.device.type):
+            out, state = module(packed, call_hx)
         assert isinstance(out, PackedSequence)
         padded, out_lengths = pad_packed_sequence(out, batch_first=module.batch_first)
         assert out_lengths.tolist() == list(lengths)
@@ -263,14 +267,17 @@ def as_list(out) -> List[torch.Tensor]:
     return list(out) if isinstance(out, tuple) else [out]
 
 
-def run_cell(cell, x, hx, *, loss_seed: int = 1234, loss_dtype=None) -> Dict[str, Optional[torch.Tensor]]:
+def run_cell(cell, x, hx, *, loss_seed: int = 1234, loss_dtype=None,
+             autocast_dtype=None) -> Dict[str, Optional[torch.Tensor]]:
     """One step of an RNNCell/GRUCell/LSTMCell with fresh leaves; returns 'out0' (and 'out1'
-    for LSTMCell), 'grad_x', 'grad_hx<i>' per state and 'param.<name>' per parameter."""
+    for LSTMCell), 'grad_x', 'grad_hx<i>' per state and 'param.<name>' per parameter.
+    autocast_dtype: the step runs under torch.autocast as in run()."""
     cell.zero_grad(set_to_none=True)
     x = leaf(x)
     states = None if hx is None else [leaf(t) for t in as_list(hx)]
     call_hx = None if states is None else (tuple(states) if len(states) == 2 else states[0])
-    outs = as_list(cell(x, call_hx))
+    with _autocast(autocast_dtype, x.device.type):
+        outs = as_list(cell(x, call_hx))
     weighted_loss(outs, loss_seed, loss_dtype).backward()
     res: Dict[str, Optional[torch.Tensor]] = {f"out{i}": o.detach() for i, o in enumerate(outs)}
     res["grad_x"] = x.grad
@@ -279,6 +286,49 @@ def run_cell(cell, x, hx, *, loss_seed: int = 1234, loss_dtype=None) -> Dict[str
     for name, p in cell.named_parameters():
         res[f"param.{name}"] = p.grad
     return res
+
+
+# ============================================================================ float16 / bfloat16
+HALF_DTYPES = (F16, BF16)
+
+
+def half_twins(ref64_cpu, device, dtype):
+    """torch.nn and rnnext in `dtype` on `device`, and the float64 CPU oracle holding exactly
+    their (rounded) weights."""
+    ref_h = copy.deepcopy(ref64_cpu).to(device=device, dtype=dtype)
+    ours_h = rnnext.from_torch(ref_h)
+    oracle = copy.deepcopy(ref_h).to(device="cpu", dtype=F64)
+    return ref_h, ours_h, oracle
+
+
+def rounded(value, dtype):
+    """float64 values that `dtype` represents exactly (so every run sees the same inputs)."""
+    return to_device(to_device(value, dtype=dtype), dtype=F64)
+
+
+def assert_half_within(expected, torch_res, our_res, dtype, device, what: str) -> None:
+    """rnnext's error against the float64 oracle `expected` is at most
+    parity.half_allowance(device, dtype, torch.nn's error) x max(1, max|ref|) for every output,
+    state and gradient (torch.nn's error measured the same way); results in dtype on device."""
+    assert set(our_res) == set(expected) == set(torch_res), what
+    for key, ref in expected.items():
+        got, theirs = our_res[key], torch_res[key]
+        if ref is None:
+            assert got is None, f"{what}: {key} should be None (as in torch.nn)"
+            continue
+        assert got is not None, f"{what}: {key} is missing"
+        assert got.dtype == dtype and got.device.type == torch.device(device).type, \
+            f"{what}: {key} is {got.dtype} on {got.device}"
+        assert got.shape == ref.shape, f"{what}: {key} shape {tuple(got.shape)} != {tuple(ref.shape)}"
+        if ref.numel() == 0:
+            continue
+        scale = max(1.0, ref.abs().max().item())
+        err_ours = (got.cpu().to(F64) - ref).abs().max().item() / scale
+        err_torch = (theirs.cpu().to(F64) - ref).abs().max().item() / scale
+        bound = half_allowance(device, dtype, err_torch)
+        assert err_ours <= bound, (
+            f"{what}: {key}: rnnext's scaled error {err_ours:.3e} > {bound:.3e} "
+            f"(torch.nn's {err_torch:.3e}, max|ref| {scale:.3g})")
 
 
 # ============================================================================ comparisons

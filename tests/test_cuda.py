@@ -1,8 +1,7 @@
-"""What only CUDA has: float16 and bfloat16, autocast, streams, several devices, mixed-device
-mistakes, run-to-run determinism of the CUDA kernels, agreement with rnnext's CPU kernels,
-backward in eval mode (which cuDNN refuses), and the raw ops' need_backward / need_grad_*
-flags in the half dtypes. Every test here skips with "no CUDA device" on a machine without a
-GPU.
+"""What only CUDA has: CUDA autocast, streams, several devices, mixed-device mistakes,
+run-to-run determinism of the CUDA kernels, agreement with rnnext's CPU kernels, backward in
+eval mode (which cuDNN refuses) and CUDA graph capture. Every test here skips with "no CUDA
+device" on a machine without a GPU. float16 and bfloat16 on every device: test_half.py.
 
 The float32/float64 parity of every module, cell and op on CUDA is not repeated here: the
 parity files run their tests on both devices (the `device` fixture, conftest.py).
@@ -14,15 +13,12 @@ import copy
 import pytest
 import torch
 
-import rnnext
-from helpers import (BF16, CELL_KINDS, CELLS, F16, F32, F64, OP_CELLS, assert_results_close,
+from helpers import (BF16, CELLS, F16, F32, F64, OP_CELLS, assert_results_close,
                      assert_results_equal, backward_args, backward_op, forward_op, make_inputs,
-                     make_pair, op_args, raised, run, run_cell, run_packed, to_device, tolerance)
+                     make_pair, op_args, raised, run, run_packed, to_device, tolerance)
+from rnnext.parity import HALF_ALLOWANCE
 
 HALF = [pytest.param(F16, id="float16"), pytest.param(BF16, id="bfloat16")]
-# rnnext in a half dtype may be off the float64 oracle by max(2 x torch.nn's error in the same
-# dtype, HALF_FLOOR x max(1, max|ref|)), per tensor.
-HALF_FLOOR = {F16: 1e-2, BF16: 5e-2}
 
 MODULE_CONFIGS = [
     pytest.param("LSTM", {}, id="LSTM"),
@@ -42,79 +38,6 @@ LONG_LENGTHS = [(7 * i) % LONG_T + 1 for i in range(LONG_B)]
 def _on_cuda(res, what=""):
     for key, value in res.items():
         assert value is None or value.device.type == "cuda", f"{what}: {key} is on {value.device}"
-
-
-# ============================================================================ float16 / bfloat16
-def _half_twins(ref64_cpu, device, dtype):
-    """torch.nn and rnnext in `dtype` on `device`, and the float64 CPU oracle holding exactly
-    their (rounded) weights."""
-    ref_h = copy.deepcopy(ref64_cpu).to(device=device, dtype=dtype)
-    ours_h = rnnext.from_torch(ref_h)
-    oracle = copy.deepcopy(ref_h).to(device="cpu", dtype=F64)
-    return ref_h, ours_h, oracle
-
-
-def _rounded(value, dtype):
-    """float64 values that `dtype` represents exactly (so both runs see the same inputs)."""
-    return to_device(to_device(value, dtype=dtype), dtype=F64)
-
-
-def assert_half_within(expected, torch_res, our_res, dtype, what: str) -> None:
-    """rnnext's error against the float64 oracle is at most max(2 x torch.nn's error,
-    HALF_FLOOR x max(1, max|ref|)) for every output, state and gradient; results in dtype."""
-    assert set(our_res) == set(expected) == set(torch_res), what
-    for key, ref in expected.items():
-        got, theirs = our_res[key], torch_res[key]
-        if ref is None:
-            assert got is None, f"{what}: {key} should be None (as in torch.nn)"
-            continue
-        assert got is not None, f"{what}: {key} is missing"
-        assert got.dtype == dtype and got.device.type == "cuda", f"{what}: {key} is {got.dtype} on {got.device}"
-        assert got.shape == ref.shape, f"{what}: {key} shape {tuple(got.shape)} != {tuple(ref.shape)}"
-        if ref.numel() == 0:
-            continue
-        scale = max(1.0, ref.abs().max().item())
-        err_ours = (got.cpu().to(F64) - ref).abs().max().item()
-        err_torch = (theirs.cpu().to(F64) - ref).abs().max().item()
-        bound = max(2 * err_torch, HALF_FLOOR[dtype] * scale)
-        assert err_ours <= bound, (
-            f"{what}: {key}: rnnext's max error {err_ours:.3e} > {bound:.3e} "
-            f"(torch.nn's {err_torch:.3e}, max|ref| {scale:.3g})")
-
-
-@pytest.mark.parametrize("dtype", HALF)
-@pytest.mark.parametrize("cell,kwargs", MODULE_CONFIGS)
-def test_half_precision_parity_packed(cell, kwargs, dtype, cuda_device):
-    """Two bidirectional layers on an unsorted packed batch with initial states, in float16
-    and bfloat16: rnnext and torch.nn in that dtype against torch.nn in float64 on the CPU."""
-    ref64, _ = make_pair(cell, IN, HID, dtype=F64, **STACK, **kwargs)
-    ref_h, ours_h, oracle = _half_twins(ref64, cuda_device, dtype)
-    x, hx = make_inputs(oracle, with_hx=True, seq_len=max(LENGTHS), batch=len(LENGTHS))
-    x, hx = _rounded(x, dtype), _rounded(hx, dtype)
-    expected = run_packed(oracle, x, LENGTHS, hx, False, loss_dtype=dtype)
-    x_h, hx_h = to_device(x, cuda_device, dtype), to_device(hx, cuda_device, dtype)
-    torch_res = run_packed(ref_h, x_h, LENGTHS, hx_h, False, loss_dtype=dtype)
-    our_res = run_packed(ours_h, x_h, LENGTHS, hx_h, False, loss_dtype=dtype)
-    assert_half_within(expected, torch_res, our_res, dtype, f"{cell} {kwargs} {dtype}")
-
-
-@pytest.mark.parametrize("dtype", HALF)
-@pytest.mark.parametrize("kind", CELL_KINDS)
-def test_half_precision_cells(kind, dtype, cuda_device):
-    """The *Cell modules in float16 and bfloat16, one step with states, the same criterion.
-    (Their float32/float64 parity on CUDA is test_cells.py's, on the cuda device.)"""
-    ref64, _ = make_pair(kind, IN, HID, dtype=F64)
-    ref_h, ours_h, oracle = _half_twins(ref64, cuda_device, dtype)
-    g = torch.Generator().manual_seed(3)
-    x = _rounded(torch.randn(len(LENGTHS), IN, generator=g, dtype=F64), dtype)
-    h = _rounded(0.5 * torch.randn(len(LENGTHS), HID, generator=g, dtype=F64), dtype)
-    c = _rounded(0.5 * torch.randn(len(LENGTHS), HID, generator=g, dtype=F64), dtype)
-    hx = (h, c) if kind == "LSTMCell" else h
-    expected = run_cell(oracle, x, hx, loss_dtype=dtype)
-    x_h, hx_h = to_device(x, cuda_device, dtype), to_device(hx, cuda_device, dtype)
-    torch_res = run_cell(ref_h, x_h, hx_h, loss_dtype=dtype)
-    our_res = run_cell(ours_h, x_h, hx_h, loss_dtype=dtype)
-    assert_half_within(expected, torch_res, our_res, dtype, f"{kind} {dtype}")
 
 
 # ============================================================================ CUDA against rnnext's CPU kernels
@@ -275,7 +198,8 @@ def test_ops_with_one_tensor_on_the_cpu_raise(cell, cuda_device):
 @pytest.mark.parametrize("cell", CELLS)
 def test_autocast_runs_in_the_half_dtype_like_torch(cell, dtype, cudnn, cuda_device):
     """float32 modules under torch.autocast("cuda", dtype): outputs and states in torch.nn's
-    dtype and close to torch.nn's values (HALF_FLOOR x max(1, max|ref|)); backward gives
+    dtype and close to torch.nn's values (the CUDA half floor of rnnext.parity.HALF_ALLOWANCE,
+    x max(1, max|ref|)); backward gives
     gradients in torch.nn's dtypes (float32 for the float32 parameters, input and states).
     torch.nn meets autocast only through cuDNN's RNN op, which runs in float16 whatever the
     autocast dtype; with cuDNN off it is not cast at all: rnnext must follow both."""
@@ -293,47 +217,8 @@ def test_autocast_runs_in_the_half_dtype_like_torch(cell, dtype, cudnn, cuda_dev
         assert got[key].dtype == value.dtype, f"{key}: {got[key].dtype}, torch.nn gives {value.dtype}"
         if key.startswith("param.") or key.startswith("grad_"):
             assert got[key].dtype == F32, f"{key}: {got[key].dtype}"
-    tol = dict(atol=HALF_FLOOR[dtype], rtol=0)
+    tol = dict(atol=HALF_ALLOWANCE[("cuda", dtype)][1], rtol=0)
     assert_results_close(expected, got, f"{cell} under autocast({dtype})", scale_atol=True, tol=tol)
-
-
-# ============================================================================ raw-op flags in every CUDA dtype
-MASKS = [(False, True), (True, False), (False, False)]
-OP_CASES = [pytest.param(c, False, id=c) for c in OP_CELLS] + [pytest.param("lstm", True, id="lstm-proj")]
-
-
-@pytest.mark.parametrize("dtype", [pytest.param(F32, id="float32"), *HALF])
-@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
-@pytest.mark.parametrize("cell,proj", OP_CASES)
-def test_op_flags(cell, proj, packed, dtype, cuda_device):
-    """need_backward=False: the training forward's bits and an empty [0, cols] workspace.
-    need_grad_x / need_grad_weights False: those gradients [0], the rest the full call's bits.
-    (float64 on CUDA: test_gradcheck.py and test_inference_path.py on the cuda device.)"""
-    kw = dict(proj=proj, dtype=dtype, device=cuda_device, batch_sizes=[3, 3, 2, 1] if packed else None,
-              steps=4, batch=3, input_size=IN, hidden_size=HID, proj_size=6)
-    args = op_args(cell, requires_grad=False, **kw)
-    train = forward_op(cell)(*args, True)
-    infer = forward_op(cell)(*args, False)
-    for t, i in zip(train[:-1], infer[:-1]):
-        assert t.dtype == dtype and t.is_cuda
-        assert torch.equal(t, i)
-    rows = args[0].reshape(-1, args[0].shape[-1]).shape[0]
-    assert train[-1].shape[0] == rows
-    assert infer[-1].shape == (0, train[-1].shape[1])
-
-    bargs = backward_args(cell, **kw)
-    full = backward_op(cell)(*bargs)
-    assert all(g.dtype == dtype and g.is_cuda for g in full)
-    assert full[0].shape == args[0].shape
-    n_states = 2 if cell == "lstm" else 1
-    for need_x, need_w in MASKS:
-        masked = backward_op(cell)(*bargs, need_x, need_w)
-        for i, (f, m) in enumerate(zip(full, masked)):
-            wanted = need_x if i == 0 else (True if i <= n_states else need_w)
-            if wanted:
-                assert torch.equal(f, m), (need_x, need_w, i)
-            else:
-                assert m.shape == (0,), (need_x, need_w, i)
 
 
 @pytest.mark.parametrize("cell,kwargs", MODULE_CONFIGS)

@@ -7,8 +7,7 @@ never bring the process down.
 torch.nn is the oracle: every module-level case runs the same call on torch.nn and on rnnext.
 Everything needed by the subprocess test lives in this file (`all_invalid_rnnext_calls`) and
 in helpers.py, so the subprocess imports it by path (with tests/ on its path) and replays
-every case. CPU-only: the CPU's refusals (float16/bfloat16 on the CPU among them); the CUDA
-device mix-ups are in test_cuda.py.
+every case. CPU-only: the CPU's refusals; the CUDA device mix-ups are in test_cuda.py.
 """
 from __future__ import annotations
 
@@ -694,11 +693,9 @@ FORWARD_OP_CASES = [
     ("w_ih_float64", None, _set(w_ih=lambda a, g: a["w_ih"].double()), ["w_ih", "dtype"]),
     ("w_hh_float64", None, _set(w_hh=lambda a, g: a["w_hh"].double()), ["w_hh", "dtype"]),
     ("b_hh_float64", None, _set(b_hh=lambda a, g: a["b_hh"].double()), ["b_hh", "dtype"]),
-    ("all_int32", None, _all_cast(torch.int32), ["float32 or float64"]),
-    ("all_int64", None, _all_cast(torch.int64), ["float32 or float64"]),
-    ("all_float16", None, _all_cast(torch.float16), ["float32 or float64"]),
-    ("all_bfloat16", None, _all_cast(torch.bfloat16), ["float32 or float64"]),
-    ("all_complex64", None, _all_cast(torch.complex64), ["float32 or float64"]),
+    ("all_int32", None, _all_cast(torch.int32), ["float32, float64, float16 or bfloat16"]),
+    ("all_int64", None, _all_cast(torch.int64), ["float32, float64, float16 or bfloat16"]),
+    ("all_complex64", None, _all_cast(torch.complex64), ["float32, float64, float16 or bfloat16"]),
     ("x_4d", None, _set(x=lambda a, g: torch.randn(1, T, B, I)), ["3-d"]),
     ("x_2d_unpacked", None, _set(x=lambda a, g: torch.randn(T * B, I)), ["3-d"]),
     ("x_1d", None, _set(x=lambda a, g: torch.randn(I)), ["3-d"]),
@@ -801,7 +798,7 @@ BACKWARD_OP_CASES = [
     ("c0_float64", False, ("lstm",), _set(c0=lambda a, g: a["c0"].double()), ["c0", "dtype"]),
     ("w_hh_cols", False, None, _set(w_hh=lambda a, g: torch.randn(g * H, H + 1)), ["w_hh"]),
     ("w_ih_rows", False, ("gru", "lstm"), _set(w_ih=lambda a, g: torch.randn(g * H + 1, I)), ["w_ih"]),
-    ("x_int32", False, None, _set(x=lambda a, g: a["x"].int()), ["float32 or float64"]),
+    ("x_int32", False, None, _set(x=lambda a, g: a["x"].int()), ["float32, float64, float16 or bfloat16"]),
     ("x_4d", False, None, _set(x=lambda a, g: a["x"][None]), ["3-d"]),
     ("batch_sizes_for_padded_x", False, None, _set(batch_sizes=_BS(B, B)), ["2-d"]),
     ("packed_sum_wrong", True, None, _set(batch_sizes=_BS(3, 2, 2)), ["sum"]),

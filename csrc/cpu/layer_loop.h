@@ -498,15 +498,55 @@ std::vector<Tensor> layer_backward(const Tensor& grad_y_in, const Tensor& grad_h
                           sz.proj ? OptTensor(ws.narrow(1, r_col, H)) : std::nullopt);
 }
 
+// float16 and bfloat16 run the float32 loops: the op's arguments are widened to float32 at
+// its entry and its outputs rounded back, except the workspace, which stays float32
+// (workspace_dtype, ../layer_checks.h). So the values are loaded and stored in the input
+// dtype while the gate math, the state carried between steps and every GEMM's accumulation
+// are float32. The arguments are checked before widening, so mixed dtypes are still rejected.
+inline bool is_half_type(const Tensor& t) {
+  return t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16;
+}
+inline Tensor widen(const Tensor& t) { return t.to(at::kFloat); }
+inline OptTensor widen(const OptTensor& t) { return t.has_value() ? OptTensor(t->to(at::kFloat)) : t; }
+inline Tensor narrow_to(const Tensor& t, at::ScalarType dtype) { return t.defined() ? t.to(dtype) : t; }
+
 // The CPU time loop, as csrc/layer_ops.h takes it.
 struct CpuLoop {
-  template <class Cell, class... Args>
-  static auto forward(Args&&... args) {
-    return layer_forward<Cell>(std::forward<Args>(args)...);
+  template <class Cell>
+  static std::tuple<Tensor, Tensor, Tensor, Tensor> forward(const Tensor& x, const Tensor& h0, const OptTensor& c0,
+                                                            const Tensor& w_ih, const Tensor& w_hh,
+                                                            const OptTensor& b_ih, const OptTensor& b_hh,
+                                                            const OptTensor& w_hr, const OptTensor& batch_sizes,
+                                                            bool reverse, bool need_backward) {
+    if (!is_half_type(x)) {
+      return layer_forward<Cell>(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse, need_backward);
+    }
+    check_forward_args<Cell>(kCpuBackend, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes);
+    auto out = layer_forward<Cell>(widen(x), widen(h0), widen(c0), widen(w_ih), widen(w_hh), widen(b_ih),
+                                   widen(b_hh), widen(w_hr), batch_sizes, reverse, need_backward);
+    const auto dtype = x.scalar_type();
+    return {narrow_to(std::get<0>(out), dtype), narrow_to(std::get<1>(out), dtype),
+            narrow_to(std::get<2>(out), dtype), std::get<3>(out)};
   }
-  template <class Cell, class... Args>
-  static auto backward(Args&&... args) {
-    return layer_backward<Cell>(std::forward<Args>(args)...);
+
+  template <class Cell>
+  static std::vector<Tensor> backward(const Tensor& grad_y, const Tensor& grad_h_n, const OptTensor& grad_c_n,
+                                      const Tensor& x, const Tensor& w_ih, const Tensor& w_hh, const OptTensor& w_hr,
+                                      const OptTensor& batch_sizes, bool reverse, bool has_bias, const Tensor& y,
+                                      const Tensor& ws, const Tensor& h0, const OptTensor& c0, bool need_grad_x,
+                                      bool need_grad_weights, bool need_grad_h0) {
+    if (!is_half_type(x)) {
+      return layer_backward<Cell>(grad_y, grad_h_n, grad_c_n, x, w_ih, w_hh, w_hr, batch_sizes, reverse, has_bias,
+                                  y, ws, h0, c0, need_grad_x, need_grad_weights, need_grad_h0);
+    }
+    check_backward_args<Cell>(kCpuBackend, grad_y, grad_h_n, grad_c_n, x, w_ih, w_hh, w_hr, batch_sizes, y, ws, h0,
+                              c0);
+    std::vector<Tensor> grads =
+        layer_backward<Cell>(widen(grad_y), widen(grad_h_n), widen(grad_c_n), widen(x), widen(w_ih), widen(w_hh),
+                             widen(w_hr), batch_sizes, reverse, has_bias, widen(y), ws, widen(h0), widen(c0),
+                             need_grad_x, need_grad_weights, need_grad_h0);
+    for (Tensor& g : grads) g = narrow_to(g, x.scalar_type());
+    return grads;
   }
 };
 
