@@ -7,7 +7,7 @@
 from . import _ops  # noqa: F401  (loads rnnext._C and registers fake kernels and autograd)
 from .functional import rnn_stack
 from .modules import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNBase, RNNCell, RNNCellBase
-from .utils import copy_parameters, from_torch
+from .utils import convert, copy_parameters, from_torch, is_recurrent, to_torch
 
 
 def empty_cache() -> int:
@@ -18,5 +18,4 @@ def empty_cache() -> int:
 
 
 __version__ = "0.1.0"
-__all__ = ["RNN", "LSTM", "GRU", "RNNCell", "LSTMCell", "GRUCell", "RNNBase", "RNNCellBase", "copy_parameters", "from_torch", "rnn_stack",
-           "empty_cache"]
+__all__ = ["RNN", "LSTM", "GRU", "RNNCell", "LSTMCell", "GRUCell", "RNNBase", "RNNCellBase", "copy_parameters", "from_torch", "convert", "to_torch", "is_recurrent", "rnn_stack", "empty_cache"]

@@ -70,8 +70,10 @@ def layer_forward(cell: str, x: Tensor, h0: Tensor, c0: Optional[Tensor], w: Lay
     autocast_dtype = _autocast_dtype(x)
     if autocast_dtype is not None:
         x, h0, c0, w = _cast((x, h0, c0, w), autocast_dtype)
-    need_backward = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, h0, c0, *w))
+    # A TorchScript trace records the flag as a constant: it always saves the workspace, so the
+    # traced graph can train, and traces made with and without grad agree (trace's check).
+    need_backward = torch.jit.is_tracing() or (torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, h0, c0, *w)))
     op = _forward_op(cell)
     if cell == "lstm":
         args = (x, h0, c0, w.w_ih, w.w_hh, w.b_ih, w.b_hh, w.w_hr, batch_sizes, reverse, need_backward)

@@ -63,6 +63,11 @@ def _to(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
     return t if t is None else t.to(dtype)
 
 
+_NO_SCRIPT = ("rnnext.{name} cannot be compiled with torch.jit.script: its forward is Python over "
+              "rnnext's ops. Use torch.jit.trace (the traced graph trains and takes new shapes), "
+              "torch.export.export or torch.compile; or rnnext.to_torch(model) first for TorchScript.")
+
+
 class _FromTorch:
     @classmethod
     def from_torch(cls, module: nn.Module):
@@ -74,6 +79,11 @@ class _FromTorch:
         if not isinstance(made, cls):
             raise TypeError(f"{cls.__name__}.from_torch got a {type(module).__name__}")
         return made
+
+    def __prepare_scriptable__(self):
+        # torch.jit.script calls this on every submodule before compiling it: fail with a
+        # message that names the routes that work instead of a TorchScript parse error.
+        raise RuntimeError(_NO_SCRIPT.format(name=type(self).__name__))
 
 
 class RNNBase(_FromTorch, nn.Module):
