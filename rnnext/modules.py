@@ -7,8 +7,6 @@ RNNBase subclass, and these modules are meant to compile with fullgraph=True.
 from __future__ import annotations
 
 import math
-import numbers
-import warnings
 from typing import List, Optional
 
 import torch
@@ -97,42 +95,16 @@ class RNNBase(_FromTorch, nn.Module):
                  bidirectional: bool = False, proj_size: int = 0, device=None, dtype=None) -> None:
         factory_kwargs = {"device": device, "dtype": dtype}
         super().__init__()
-        # Checks and messages as torch.nn.RNNBase, so code that catches them keeps working.
-        if mode not in _GATES:
-            raise ValueError("Unrecognized RNN mode: " + mode)
-        float(dropout)  # as torch.nn: TypeError/ValueError for what float() refuses
-        if (not isinstance(dropout, numbers.Number) or isinstance(dropout, bool)
-                or not 0 <= dropout <= 1):
-            raise ValueError("dropout should be a number in range [0, 1] representing the "
-                             "probability of an element being zeroed")
-        if dropout > 0 and num_layers == 1:
-            warnings.warn("dropout option adds dropout after all but last recurrent layer, so "
-                          "non-zero dropout expects num_layers greater than 1, but got "
-                          f"dropout={dropout} and num_layers={num_layers}", stacklevel=3)
-        if not isinstance(bias, bool):
-            raise TypeError(f"bias should be of type bool, got: {type(bias).__name__}")
-        if not isinstance(batch_first, bool):
-            raise TypeError(f"batch_first should be of type bool, got: {type(batch_first).__name__}")
-        if not isinstance(input_size, int):
-            raise TypeError(f"input_size should be of type int, got: {type(input_size).__name__}")
-        if input_size <= 0:
-            raise ValueError("input_size must be greater than zero")
-        if not isinstance(hidden_size, int):
-            raise TypeError(f"hidden_size should be of type int, got: {type(hidden_size).__name__}")
-        if hidden_size <= 0:
-            raise ValueError("hidden_size must be greater than zero")
-        if not isinstance(num_layers, int):
-            raise TypeError(f"num_layers should be of type int, got: {type(num_layers).__name__}")
-        if num_layers <= 0:
-            raise ValueError("num_layers must be greater than zero")
-        if not isinstance(proj_size, int):
-            raise TypeError(f"proj_size should be of type int, got: {type(proj_size).__name__}")
-        if proj_size < 0:
-            raise ValueError("proj_size should be a positive integer or zero to disable projections")
-        if proj_size >= hidden_size:
-            raise ValueError("proj_size has to be smaller than hidden_size")
-        if proj_size > 0 and mode != "LSTM":
-            raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
+        # The argument checks, messages and warnings of the torch.nn at hand (they changed
+        # between torch versions), so code that catches them keeps working: its own module,
+        # built on the meta device, which allocates nothing.
+        # torch.nn fails on a float num_layers or proj_size with a TypeError from range() or
+        # torch.empty that does not name the argument: the same type, named, here first.
+        for name, value in (("num_layers", num_layers), ("proj_size", proj_size)):
+            if not isinstance(value, int):
+                raise TypeError(f"{name} should be of type int, got: {type(value).__name__}")
+        nn.RNNBase(mode, input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
+                   proj_size, device="meta", dtype=dtype)
 
         self.mode = mode
         self.input_size = input_size
@@ -168,6 +140,8 @@ class RNNBase(_FromTorch, nn.Module):
                     names.append(name)
                 self._flat_weights_names.extend(names)
                 self._all_weights.append(names)
+        # {name: shape} of every parameter, for the checks of every forward (_layer_weights).
+        self._param_shapes = self._expected_shapes()
         self.reset_parameters()
 
     # ------------------------------------------------------------ torch.nn API
@@ -229,9 +203,7 @@ class RNNBase(_FromTorch, nn.Module):
         of another shape, dtype or device fails here with its name, not deep in a GEMM."""
         weights = []
         first = self.weight_ih_l0
-        shapes = self.__dict__.get("_param_shapes")
-        if shapes is None:  # computed once; the configuration does not change
-            shapes = self.__dict__["_param_shapes"] = self._expected_shapes()
+        shapes = self._param_shapes
         for names in self._all_weights:
             p = [getattr(self, n) for n in names]
             for name, w in zip(names, p):

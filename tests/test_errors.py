@@ -49,7 +49,8 @@ def assert_message(exc: BaseException, words: Sequence[str]) -> None:
 
 def assert_same_error(ref_fn, our_fn, words: Sequence[str]) -> Tuple[BaseException, BaseException]:
     """Both calls raise, ours is an instance of torch.nn's exception type, and our message
-    names the problem."""
+    names the problem or is torch.nn's own (the torch at hand's: some changed across
+    versions, and rnnext's constructors leave those checks to torch.nn's)."""
     ref_exc = raised(ref_fn)
     assert ref_exc is not None, "torch.nn accepted this call (the case is not invalid)"
     our_exc = raised(our_fn)
@@ -58,7 +59,8 @@ def assert_same_error(ref_fn, our_fn, words: Sequence[str]) -> Tuple[BaseExcepti
     assert isinstance(our_exc, type(ref_exc)), (
         f"torch.nn raises {type(ref_exc).__name__} ({ref_exc}); rnnext raises "
         f"{type(our_exc).__name__} ({our_exc}), which `except {type(ref_exc).__name__}` misses")
-    assert_message(our_exc, words)
+    if str(our_exc) != str(ref_exc):
+        assert_message(our_exc, words)
     return ref_exc, our_exc
 
 
@@ -354,6 +356,11 @@ CTOR_CASES = _ctor_cases()
 @pytest.mark.parametrize("ref_cls,our_cls,args,kwargs,words", [c[1:] for c in CTOR_CASES],
                          ids=[c[0] for c in CTOR_CASES])
 def test_invalid_constructor_arguments(ref_cls, our_cls, args, kwargs, words):
+    """Invalid for the newest torch.nn; older ones accept some (input_size=0, bias="yes" in
+    torch 2.4), and then rnnext, which leaves these checks to torch.nn's, accepts them too."""
+    if raised(lambda: ref_cls(*args, **kwargs)) is None:
+        assert raised(lambda: our_cls(*args, **kwargs)) is None, "torch.nn at hand accepts this"
+        return
     assert_same_error(lambda: ref_cls(*args, **kwargs), lambda: our_cls(*args, **kwargs), words)
 
 
@@ -845,8 +852,9 @@ def all_invalid_rnnext_calls() -> List[Tuple[str, Callable[[], object]]]:
         calls.append((f"cell:{kind}-{name}", _cell_calls(kind, make)[1]))
     calls.append(("cell:RNNCell-bad-nonlinearity",
                   lambda: rnnext.RNNCell(I, H, nonlinearity="sigmoid")(torch.randn(B, I))))
-    for case_id, _, our_cls, args, kwargs, _ in CTOR_CASES:
-        calls.append((f"ctor:{case_id}", lambda c=our_cls, a=args, k=kwargs: c(*a, **k)))
+    for case_id, ref_cls, our_cls, args, kwargs, _ in CTOR_CASES:
+        if raised(lambda: ref_cls(*args, **kwargs)) is not None:  # invalid for the torch at hand
+            calls.append((f"ctor:{case_id}", lambda c=our_cls, a=args, k=kwargs: c(*a, **k)))
     for case_id, _, our_cls, args in HUGE_CASES:
         calls.append((f"huge:{case_id}", lambda c=our_cls, a=args: c(*a)))
 

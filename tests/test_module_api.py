@@ -173,9 +173,10 @@ def _raise_info(fn):
 @pytest.mark.parametrize("name,args,kwargs", CTOR_ERRORS,
                          ids=[f"{n}-{a}-{k}" for n, a, k in CTOR_ERRORS])
 def test_constructor_errors_match_torch(name, args, kwargs):
+    """The exception type and message of the torch.nn at hand (older torch.nn accepts some of
+    these, e.g. input_size=0 in torch 2.4: then rnnext accepts them too)."""
     expected = _raise_info(lambda: getattr(nn, name)(*args, **kwargs))
     got = _raise_info(lambda: getattr(rnnext, name)(*args, **kwargs))
-    assert expected[0] is not None, "torch.nn accepted it: not an error case"
     assert got == expected
 
 
