@@ -44,8 +44,8 @@ def _cpu_autocast_dtypes(mode: str, x: Tensor, h: Tensor, c: Optional[Tensor], *
     and an LSTM's c' = f*c + i*g take the state's dtype where it is wider, and the LSTM's
     h = o*tanh(c') follows c', or is d after a projection. rnnext computes in the parameters'
     dtype and rounds its outputs to these dtypes (so it is at least as accurate)."""
-    if x.device.type != "cpu" or x.dtype == torch.float64 or not torch.is_autocast_enabled("cpu"):
-        return None
+    if not torch.is_autocast_enabled("cpu") or x.device.type != "cpu" or x.dtype == torch.float64:
+        return None  # (the cheapest test first: this runs at every call)
     d = torch.get_autocast_dtype("cpu")
     if mode in ("RNN_TANH", "RNN_RELU"):
         return d, None

@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import rnnext
 from helpers import (BF16, CELL_KINDS, F16, F32, F64, OP_CELLS, assert_half_within, backward_args,
                      backward_op, forward_op, half_twins, make_inputs, make_pair, op_args, rounded, run,
                      run_cell, run_packed, to_device)
@@ -210,3 +211,37 @@ def test_cpu_autocast_leaves_float64_alone():
         y_ref, _ = ref(x)
     assert y.dtype == h.dtype == c.dtype == y_ref.dtype == F64
     torch.testing.assert_close(y, y_ref, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("cell,proj", OP_CASES)
+def test_opcheck_in_half_dtypes(cell, proj, dtype, device):
+    """The fake kernels give the real kernels' shapes and dtypes in the half dtypes too (the
+    workspace is float32 for them on the CPU: workspace_dtype, csrc/layer_checks.h)."""
+    kw = dict(proj=proj, dtype=dtype, device=device, steps=4, batch=3, input_size=IN, hidden_size=HID, proj_size=6)
+    fwd = op_args(cell, **kw)
+    result = torch.library.opcheck(forward_op(cell), fwd,
+                                   test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    assert all(v == "SUCCESS" for v in result.values()), result
+    ws = forward_op(cell)(*fwd)[-1]
+    expected_ws = F32 if device == "cpu" else dtype
+    assert ws.dtype == expected_ws == rnnext._ops.workspace_dtype(fwd[0])
+    result = torch.library.opcheck(backward_op(cell), backward_args(cell, **kw),
+                                   test_utils=("test_schema", "test_faketensor"))
+    assert all(v == "SUCCESS" for v in result.values()), result
+
+
+@pytest.mark.parametrize("dtype", HALF)
+def test_compiled_half_training_matches_eager(dtype, device):
+    """torch.compile(fullgraph=True) of a bfloat16/float16 layer: forward and backward as
+    eager (the compiled graph runs the same ops, with the fake kernels' dtypes)."""
+    _, ours = make_pair("LSTM", IN, HID, dtype=dtype, device=device, **STACK)
+    x, _ = make_inputs(ours)
+    expected = run(ours, x)
+    got = run(torch.compile(ours, fullgraph=True, backend="aot_eager"), x)
+    got = {k.replace("_orig_mod.", ""): v for k, v in got.items()}
+    assert got.keys() == expected.keys()
+    for key, value in expected.items():
+        assert (got[key] is None) == (value is None), key
+        if value is not None:
+            assert got[key].dtype == value.dtype and torch.equal(got[key], value), key
