@@ -103,9 +103,10 @@ struct Backend {
 constexpr Backend kCpuBackend{at::kCPU, true};
 constexpr Backend kCudaBackend{at::kCUDA, false};
 
+inline bool is_half(at::ScalarType dtype) { return dtype == at::kHalf || dtype == at::kBFloat16; }
+
 inline at::ScalarType workspace_dtype(const Backend& backend, at::ScalarType input) {
-  const bool half = input == at::kHalf || input == at::kBFloat16;
-  return half && backend.float32_workspace_for_half ? at::kFloat : input;
+  return is_half(input) && backend.float32_workspace_for_half ? at::kFloat : input;
 }
 
 // Sizes of a layer, read from (and checked against) its weights, and its step layout.

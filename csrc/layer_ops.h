@@ -12,9 +12,10 @@
 // Weights reach the loops contiguous (a copy only where the caller's are not): the products
 // then read the same memory whatever layout was given, so any layout gives the same bits.
 //
-// Autocast is off inside the ops: they compute in the dtype of their arguments (the modules
-// cast them first where torch.nn's layers would run in another dtype), so the GEMMs the loops
-// call through ATen (at::mm) return that dtype too, whatever autocast region calls the op.
+// Autocast is off inside the ops: they return the dtype of their arguments (the modules cast
+// them first, or round the outputs, where torch.nn's layers would give another dtype), so
+// the GEMMs the loops call through ATen (at::mm) keep that dtype too, whatever autocast
+// region calls the op. (The CPU computes float16/bfloat16 in float32: csrc/cpu/layer_loop.h.)
 #pragma once
 
 #include <c10/core/impl/LocalDispatchKeySet.h>

@@ -132,9 +132,11 @@ def check(args) -> int:
         where = "on the GPU" if device.type == "cuda" else "on the CPU"
         print(f"{' and '.join(_dtype_name(d) for d in halves)}: ours and torch.nn in that dtype {where}, "
               "each against a float64 oracle")
-        print("(torch.nn in float64 on the CPU, same weights and inputs); pass if ours <= "
-              + ", ".join(f"{_dtype_name(d)} max({f:g} x torch.nn's, {floor:.0e})"
-                          for d in halves for f, floor in [parity.HALF_ALLOWANCE[(device.type, d)]]))
+        bounds = []
+        for d in halves:
+            factor, floor = parity.HALF_ALLOWANCE[(device.type, d)]
+            bounds.append(f"{_dtype_name(d)} max({factor:g} x torch.nn's, {floor:.0e})")
+        print("(torch.nn in float64 on the CPU, same weights and inputs); pass if ours <= " + ", ".join(bounds))
     print()
     # One value fits 9 characters; a half row shows "ours 3.1e-03 / torch.nn 2.9e-03".
     width = 31 if halves else 9

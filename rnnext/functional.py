@@ -21,7 +21,9 @@ def rnn_stack(cell: str, x: Tensor, batch_sizes: Optional[Tensor], h0: Tensor, c
     weights[layer * num_directions + direction]; direction 1 runs the sequence reversed. Each
     layer's input is the concatenation of the previous layer's directions, with dropout
     between layers (not after the last one) when training, as torch.nn does.
-    Returns (output, h_n, c_n), c_n None unless cell == "lstm".
+    Returns (output, h_n, c_n), c_n None unless cell == "lstm". Computes in the dtype of its
+    arguments (CUDA autocast casts them per layer, as cuDNN's RNN op does; CPU autocast, whose
+    output dtypes depend on the module torch.nn would run, is the modules' business).
     """
     num_directions = 2 if bidirectional else 1
     h_n, c_n = [], []

@@ -7,7 +7,8 @@ RNNBase subclass, and these modules are meant to compile with fullgraph=True.
 from __future__ import annotations
 
 import math
-from typing import List, Optional
+import warnings
+from typing import List, NamedTuple, Optional
 
 import torch
 from torch import Tensor, nn
@@ -32,33 +33,60 @@ def _apply_permutation(tensor: Tensor, permutation: Tensor, dim: int = 1) -> Ten
     return tensor.index_select(dim, permutation)
 
 
-def _cpu_autocast_dtypes(mode: str, x: Tensor, h: Tensor, c: Optional[Tensor], *, onednn: bool = False,
-                         proj: bool = False):
-    """The dtypes torch.nn returns for (h, c) under torch.autocast("cpu") (its output has h's),
-    or None where CPU autocast does not apply (another device, autocast off, float64 input).
+def _onednn_runs_lstm(x: Tensor) -> bool:
+    """Whether torch.nn's LSTM on this padded input x runs oneDNN's LSTM (ATen's use_mkldnn,
+    checked on the input as given, before autocast casts it)."""
+    if not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled) or x.numel() == 0:
+        return False
+    if x.dtype == torch.bfloat16:
+        return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    if x.dtype == torch.float16:
+        return not torch.is_grad_enabled() and torch.ops.mkldnn._is_mkldnn_fp16_supported()
+    return x.dtype == torch.float32
+
+
+class _CpuAutocast(NamedTuple):
+    """How a layer or cell call runs under torch.autocast("cpu"): in the parameters' dtype
+    (`compute`), its outputs then rounded to the dtypes torch.nn returns (`h` for the output
+    and h, `c` for an LSTM's c). See _cpu_autocast."""
+
+    compute: torch.dtype
+    h: torch.dtype
+    c: Optional[torch.dtype]
+
+    def inputs(self, x: Tensor, h: Tensor, c: Optional[Tensor]):
+        # float64 tensors are left alone, as autocast leaves them (then the dtype checks fail
+        # as torch.nn does)
+        return tuple(t if t is None or t.dtype == torch.float64 else t.to(self.compute) for t in (x, h, c))
+
+    def outputs(self, y: Tensor, h: Tensor, c: Optional[Tensor]):
+        return y.to(self.h), h.to(self.h), (None if c is None else c.to(self.c))
+
+
+def _cpu_autocast(mode: str, weight: Tensor, x: Tensor, h: Tensor, c: Optional[Tensor], *,
+                  onednn: bool = False, proj: bool = False) -> Optional[_CpuAutocast]:
+    """Called under torch.autocast("cpu") only: the _CpuAutocast of a call, or None where
+    autocast does not apply (a tensor on another device, float64, a non-float input).
 
     torch.nn's recurrent layers meet CPU autocast through its lower-precision op list. oneDNN's
-    LSTM (an LSTM layer without projection on padded input, oneDNN enabled: `onednn`) runs
-    wholly in the autocast dtype d. Elsewhere only the GEMMs (linear) return d and the state
-    updates promote them with the carried state: an RNN's h is d; a GRU's h' = (1-z)*n + z*h
-    and an LSTM's c' = f*c + i*g take the state's dtype where it is wider, and the LSTM's
-    h = o*tanh(c') follows c', or is d after a projection. rnnext computes in the parameters'
-    dtype and rounds its outputs to these dtypes (so it is at least as accurate)."""
-    if not torch.is_autocast_enabled("cpu") or x.device.type != "cpu" or x.dtype == torch.float64:
-        return None  # (the cheapest test first: this runs at every call)
+    LSTM (`onednn`: an LSTM layer without projection on padded input, where _onednn_runs_lstm)
+    runs wholly in the autocast dtype d. Elsewhere only the GEMMs (linear) return d and the
+    state updates promote them with the carried state: an RNN's h is d; a GRU's
+    h' = (1-z)*n + z*h and an LSTM's c' = f*c + i*g take the state's dtype where it is wider,
+    and the LSTM's h = o*tanh(c') follows c', or is d after a projection. rnnext computes in
+    the parameters' dtype and only rounds its outputs (so it is at least as accurate)."""
+    if (x.device.type != "cpu" or not x.is_floating_point() or x.dtype == torch.float64
+            or weight.dtype == torch.float64):
+        return None
     d = torch.get_autocast_dtype("cpu")
     if mode in ("RNN_TANH", "RNN_RELU"):
-        return d, None
+        return _CpuAutocast(weight.dtype, d, None)
     if mode == "GRU":
-        return torch.promote_types(d, h.dtype), None
-    if onednn and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled and x.numel() > 0:
-        return d, d
+        return _CpuAutocast(weight.dtype, torch.promote_types(d, h.dtype), None)
+    if onednn and _onednn_runs_lstm(x):
+        return _CpuAutocast(weight.dtype, d, d)
     c_dtype = torch.promote_types(d, c.dtype)
-    return (d if proj else c_dtype), c_dtype
-
-
-def _to(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
-    return t if t is None else t.to(dtype)
+    return _CpuAutocast(weight.dtype, d if proj else c_dtype, c_dtype)
 
 
 _NO_SCRIPT = ("rnnext.{name} cannot be compiled with torch.jit.script: its forward is Python over "
@@ -103,8 +131,12 @@ class RNNBase(_FromTorch, nn.Module):
         for name, value in (("num_layers", num_layers), ("proj_size", proj_size)):
             if not isinstance(value, int):
                 raise TypeError(f"{name} should be of type int, got: {type(value).__name__}")
-        nn.RNNBase(mode, input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
-                   proj_size, device="meta", dtype=dtype)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            nn.RNNBase(mode, input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
+                       proj_size, device="meta", dtype=dtype)
+        for w in caught:  # (the dropout notice) pointing at the caller's line, as torch.nn's does
+            warnings.warn(w.message, w.category, stacklevel=3)
 
         self.mode = mode
         self.input_size = input_size
@@ -143,6 +175,11 @@ class RNNBase(_FromTorch, nn.Module):
         # {name: shape} of every parameter, for the checks of every forward (_layer_weights).
         self._param_shapes = self._expected_shapes()
         self.reset_parameters()
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        if "_param_shapes" not in self.__dict__:  # pickled by an rnnext before 2026-11-30
+            self._param_shapes = self._expected_shapes()
 
     # ------------------------------------------------------------ torch.nn API
     def reset_parameters(self) -> None:
@@ -280,11 +317,11 @@ class RNNBase(_FromTorch, nn.Module):
             c0 = self._zeros(batch, x, cell_state=True) if is_lstm else None
         else:
             h0, c0 = self._unpack_hx(hx, is_batched, packed=batch_sizes is not None)
-        autocast_dtypes = _cpu_autocast_dtypes(self.mode, x, h0, c0, onednn=batch_sizes is None and not self.proj_size,
-                                               proj=self.proj_size > 0)
-        if autocast_dtypes is not None:  # computed in the parameters' dtype, rounded at the end
-            weight_dtype = self.weight_ih_l0.dtype
-            x, h0, c0 = x.to(weight_dtype), h0.to(weight_dtype), _to(c0, weight_dtype)
+        autocast = torch.is_autocast_enabled("cpu") and _cpu_autocast(
+            self.mode, self.weight_ih_l0, x, h0, c0, onednn=batch_sizes is None and not self.proj_size,
+            proj=self.proj_size > 0)
+        if autocast:
+            x, h0, c0 = autocast.inputs(x, h0, c0)
         self._check_input(x, batch_sizes)
         for state in (h0, c0) if is_lstm else (h0,):
             if state.dtype != x.dtype or state.device != x.device:
@@ -304,8 +341,8 @@ class RNNBase(_FromTorch, nn.Module):
 
         y, h_n, c_n = rnn_stack(self._cell, x, batch_sizes, h0, c0, self._layer_weights(),
                                 self.num_layers, self.bidirectional, self.dropout, self.training)
-        if autocast_dtypes is not None:
-            y, h_n, c_n = y.to(autocast_dtypes[0]), h_n.to(autocast_dtypes[0]), _to(c_n, autocast_dtypes[1])
+        if autocast:
+            y, h_n, c_n = autocast.outputs(y, h_n, c_n)
 
         if batch_sizes is not None:
             output = PackedSequence(y, batch_sizes, sorted_indices, unsorted_indices)
@@ -403,6 +440,7 @@ class RNNCellBase(_FromTorch, nn.Module):
 
     __constants__ = ["input_size", "hidden_size", "bias"]
     _cell: str  # op name: "rnn_tanh", "rnn_relu", "gru", "lstm"
+    _autocast_mode: str  # the layer mode whose CPU autocast dtypes the cell follows (_cpu_autocast)
 
     def __init__(self, input_size: int, hidden_size: int, bias: bool, num_chunks: int,
                  device=None, dtype=None) -> None:
@@ -468,6 +506,18 @@ class RNNCellBase(_FromTorch, nn.Module):
                 raise RuntimeError(f"{name} has shape {tuple(w.shape)} and dtype {w.dtype}, "
                                    f"expected {shape} and {weight.dtype}")
 
+    def _checked_step(self, input: Tensor, h: Tensor, c: Optional[Tensor]):
+        """One step of 2-D input and states: torch.nn's checks (_check), under CPU autocast in
+        the parameters' dtype with torch.nn's output dtypes, then the op (_step)."""
+        autocast = torch.is_autocast_enabled("cpu") and _cpu_autocast(self._autocast_mode, self.weight_ih, input, h, c)
+        if autocast:
+            input, h, c = autocast.inputs(input, h, c)
+        self._check(input, [h] if c is None else [h, c])
+        h_new, c_new = self._step(input, h, c)
+        if autocast:
+            _, h_new, c_new = autocast.outputs(h_new, h_new, c_new)
+        return h_new, c_new
+
     def _step(self, input: Tensor, h: Tensor, c: Optional[Tensor]):
         p = self._parameters
         w = LayerWeights(p["weight_ih"], p["weight_hh"], p.get("bias_ih"), p.get("bias_hh"), None)
@@ -488,13 +538,7 @@ class RNNCellBase(_FromTorch, nn.Module):
                 raise ValueError(f"{name}: Expected hidden to be 1D or 2D, got {hx.dim()}D instead")
         h = (torch.zeros(input.size(0), self.hidden_size, dtype=input.dtype, device=input.device)
              if hx is None else (hx if is_batched else hx.unsqueeze(0)))
-        autocast_dtypes = _cpu_autocast_dtypes("GRU" if self._cell == "gru" else "RNN_TANH", input, h, None)
-        if autocast_dtypes is not None:  # computed in the parameters' dtype, rounded at the end
-            input, h = input.to(self.weight_ih.dtype), h.to(self.weight_ih.dtype)
-        self._check(input, [h])
-        h_new, _ = self._step(input, h, None)
-        if autocast_dtypes is not None:
-            h_new = h_new.to(autocast_dtypes[0])
+        h_new, _ = self._checked_step(input, h, None)
         return h_new if is_batched else h_new.squeeze(0)
 
     def _prepare(self, input, hx, name: str):
@@ -512,6 +556,7 @@ class RNNCell(RNNCellBase):
     nonlinearity='tanh', device=None, dtype=None)``."""
 
     __constants__ = ["input_size", "hidden_size", "bias", "nonlinearity"]
+    _autocast_mode = "RNN_TANH"  # either nonlinearity
 
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True,
                  nonlinearity: str = "tanh", device=None, dtype=None) -> None:
@@ -536,6 +581,7 @@ class LSTMCell(RNNCellBase):
     device=None, dtype=None)``; forward returns ``(h_1, c_1)``."""
 
     _cell = "lstm"
+    _autocast_mode = "LSTM"
 
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None, dtype=None) -> None:
         super().__init__(input_size, hidden_size, bias, num_chunks=4, device=device, dtype=dtype)
@@ -560,14 +606,7 @@ class LSTMCell(RNNCellBase):
             h, c = zeros, zeros
         else:
             h, c = hx if is_batched else (hx[0].unsqueeze(0), hx[1].unsqueeze(0))
-        autocast_dtypes = _cpu_autocast_dtypes("LSTM", input, h, c)
-        if autocast_dtypes is not None:  # computed in the parameters' dtype, rounded at the end
-            weight_dtype = self.weight_ih.dtype
-            input, h, c = input.to(weight_dtype), h.to(weight_dtype), c.to(weight_dtype)
-        self._check(input, [h, c])
-        h_new, c_new = self._step(input, h, c)
-        if autocast_dtypes is not None:
-            h_new, c_new = h_new.to(autocast_dtypes[0]), c_new.to(autocast_dtypes[1])
+        h_new, c_new = self._checked_step(input, h, c)
         return (h_new, c_new) if is_batched else (h_new.squeeze(0), c_new.squeeze(0))
 
 
@@ -576,6 +615,7 @@ class GRUCell(RNNCellBase):
     device=None, dtype=None)``."""
 
     _cell = "gru"
+    _autocast_mode = "GRU"
 
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None, dtype=None) -> None:
         super().__init__(input_size, hidden_size, bias, num_chunks=3, device=device, dtype=dtype)

@@ -281,7 +281,7 @@ def compare(cfg: Config, generator: Optional[torch.Generator] = None, device="cp
 
 def default_configs(device="cpu") -> List[Config]:
     """The configurations of the check report: every cell type and feature, in float32,
-    float64, float16 and bfloat16."""
+    float64, float16 and bfloat16 (the same on every device)."""
     dtypes = (torch.float32, torch.float64, *HALF_DTYPES)
     configs = []
     for mode in ("LSTM", "GRU", "RNN_TANH", "RNN_RELU"):

@@ -1,8 +1,11 @@
 """Moving weights between torch.nn recurrent modules and rnnext's."""
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
+from torch.nn.modules.module import _WrappedHook
 
 _LAYER_CONFIG = ("input_size", "hidden_size", "num_layers", "bias", "bidirectional", "proj_size")
 _CELL_CONFIG = ("input_size", "hidden_size", "bias")
@@ -82,7 +85,9 @@ def _twin(module: nn.Module, namespace, share: bool) -> nn.Module:
     cls = getattr(namespace, _class_name(mode, is_cell))
     if share:
         factory = dict(device="meta", dtype=factory["dtype"])  # no storage: replaced just below
-    twin = cls(**kwargs, **factory)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the module being replaced gave its notices already
+        twin = cls(**kwargs, **factory)
     if share:
         for name in _param_names(module, is_cell):
             # setattr: torch.nn's layers keep their _flat_weights list in step with it
@@ -105,12 +110,34 @@ def from_torch(module: nn.Module) -> nn.Module:
     return _twin(module, modules, share=False)
 
 
-# Module hooks and their registries, moved by convert/to_torch with the module they belong to
-# (the dictionaries themselves, so the handles returned when they were registered still work).
+# A module's hooks, moved by convert/to_torch with the module they belong to: its hook
+# dictionaries themselves (so the handles returned at registration still remove them), and
+# the flag of full backward hooks.
 _HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
                "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_backward_hooks",
                "_backward_pre_hooks", "_is_full_backward_hook", "_state_dict_hooks",
                "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks")
+
+
+def _rebind_hooks(hooks, module: nn.Module) -> None:
+    """State-dict hooks registered to receive their module hold a weak reference to it: point
+    them at the module that replaces it (in the shared dictionary, so handles still work)."""
+    if not isinstance(hooks, dict):
+        return
+    for key, hook in list(hooks.items()):
+        if isinstance(hook, _WrappedHook) and getattr(hook, "with_module", False):
+            hooks[key] = _WrappedHook(hook.hook, module)
+
+
+def _check_plain_parameters(module: nn.Module) -> None:
+    """convert/to_torch share Parameters: a layer whose weights are computed by hooks (the
+    hook-based torch.nn.utils.weight_norm / spectral_norm) has none to share."""
+    mode, is_cell = _kind(module)
+    for name in _param_names(module, is_cell):
+        if not isinstance(module._parameters.get(name), nn.Parameter):
+            raise ValueError(f"cannot convert {type(module).__name__}: {name} is not a plain Parameter "
+                             "(weight_norm or spectral_norm?); remove those first, or use "
+                             "torch.nn.utils.parametrize-based ones, whose layers convert leaves alone")
 
 
 def _replace_tree(model: nn.Module, classes, namespace) -> nn.Module:
@@ -120,10 +147,12 @@ def _replace_tree(model: nn.Module, classes, namespace) -> nn.Module:
         if id(module) in memo:
             return memo[id(module)]
         if type(module) in classes:  # exactly: a subclass may have its own forward
+            _check_plain_parameters(module)
             new = _twin(module, namespace, share=True)
             for name in _HOOK_DICTS:
                 if name in module.__dict__:
                     new.__dict__[name] = module.__dict__[name]
+                    _rebind_hooks(new.__dict__[name], new)
             if namespace is nn and not _kind(module)[1]:
                 new.flatten_parameters()  # cuDNN's single weight buffer (nothing on the CPU)
         else:
@@ -147,7 +176,9 @@ def convert(model: nn.Module) -> nn.Module:
     The new modules hold the very same Parameter objects, so device, dtype, requires_grad,
     gradients and an optimizer built before the conversion carry over, and a state_dict saved
     before loads after. Training mode and the module hooks registered on the old layers move
-    too. Subclasses of the torch.nn layers are left alone (their forward may differ)."""
+    too. Subclasses of the torch.nn layers are left alone (their forward may differ), and so
+    are layers under torch.nn.utils.parametrize (their class is a subclass); a layer with
+    hook-based weight_norm / spectral_norm is a ValueError."""
     from . import modules
 
     classes = {getattr(nn, name) for name in ("RNN", "LSTM", "GRU", "RNNCell", "LSTMCell", "GRUCell")}

@@ -15,6 +15,7 @@ import copy
 import warnings
 from typing import Callable, Dict, List, Optional
 
+import pytest
 import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
@@ -289,7 +290,15 @@ def run_cell(cell, x, hx, *, loss_seed: int = 1234, loss_dtype=None,
 
 
 # ============================================================================ float16 / bfloat16
-HALF_DTYPES = (F16, BF16)
+HALF = [pytest.param(F16, id="float16"), pytest.param(BF16, id="bfloat16")]
+# Sequence-module configurations of the half-precision and CUDA tests.
+MODULE_CONFIGS = [
+    pytest.param("LSTM", {}, id="LSTM"),
+    pytest.param("LSTM", dict(proj_size=6), id="LSTM-proj"),
+    pytest.param("GRU", {}, id="GRU"),
+    pytest.param("RNN_TANH", {}, id="RNN_TANH"),
+    pytest.param("RNN_RELU", {}, id="RNN_RELU"),
+]
 
 
 def half_twins(ref64_cpu, device, dtype):
@@ -307,9 +316,9 @@ def rounded(value, dtype):
 
 
 def assert_half_within(expected, torch_res, our_res, dtype, device, what: str) -> None:
-    """rnnext's error against the float64 oracle `expected` is at most
-    parity.half_allowance(device, dtype, torch.nn's error) x max(1, max|ref|) for every output,
-    state and gradient (torch.nn's error measured the same way); results in dtype on device."""
+    """rnnext's error against the reference `expected` (float64, or float32 for autocast) is
+    at most parity.half_allowance(device, dtype, torch.nn's error) x max(1, max|ref|) for every
+    output, state and gradient, each in the dtype and on the device torch.nn's has."""
     assert set(our_res) == set(expected) == set(torch_res), what
     for key, ref in expected.items():
         got, theirs = our_res[key], torch_res[key]
@@ -317,14 +326,14 @@ def assert_half_within(expected, torch_res, our_res, dtype, device, what: str) -
             assert got is None, f"{what}: {key} should be None (as in torch.nn)"
             continue
         assert got is not None, f"{what}: {key} is missing"
-        assert got.dtype == dtype and got.device.type == torch.device(device).type, \
-            f"{what}: {key} is {got.dtype} on {got.device}"
+        assert got.dtype == theirs.dtype and got.device.type == torch.device(device).type, \
+            f"{what}: {key} is {got.dtype} on {got.device}; torch.nn's is {theirs.dtype}"
         assert got.shape == ref.shape, f"{what}: {key} shape {tuple(got.shape)} != {tuple(ref.shape)}"
         if ref.numel() == 0:
             continue
         scale = max(1.0, ref.abs().max().item())
-        err_ours = (got.cpu().to(F64) - ref).abs().max().item() / scale
-        err_torch = (theirs.cpu().to(F64) - ref).abs().max().item() / scale
+        err_ours = (got.cpu().to(F64) - ref.cpu().to(F64)).abs().max().item() / scale
+        err_torch = (theirs.cpu().to(F64) - ref.cpu().to(F64)).abs().max().item() / scale
         bound = half_allowance(device, dtype, err_torch)
         assert err_ours <= bound, (
             f"{what}: {key}: rnnext's scaled error {err_ours:.3e} > {bound:.3e} "

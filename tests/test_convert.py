@@ -158,3 +158,56 @@ def test_is_recurrent():
     assert not rnnext.is_recurrent(nn.Linear(2, 3))
     with pytest.raises(TypeError, match="kind"):
         rnnext.is_recurrent(rnnext.LSTM(2, 3), nn.Linear)
+
+
+def test_state_dict_hooks_follow_the_new_layer():
+    """A load_state_dict pre-hook registered with_module gets the layer that replaced the old
+    one, and load_state_dict works after the old layer is gone."""
+    import gc
+
+    model = nn.Sequential(nn.GRU(3, 4, dtype=F64))
+    seen = []
+    model[0]._register_load_state_dict_pre_hook(lambda module, *args: seen.append(type(module)), with_module=True)
+    state = copy.deepcopy(model.state_dict())
+    rnnext.convert(model)
+    gc.collect()  # the torch.nn GRU is unreferenced now
+    model.load_state_dict(state)
+    assert seen == [rnnext.GRU]
+
+
+def test_weight_norm_layers_are_refused_parametrized_ones_left_alone():
+    model = nn.Sequential(nn.utils.weight_norm(nn.LSTM(3, 4), name="weight_hh_l0"))
+    with pytest.raises(ValueError, match="weight_hh_l0 is not a plain Parameter"):
+        rnnext.convert(model)
+    assert type(model[0]) is nn.LSTM
+    layer = nn.GRU(3, 4)
+    nn.utils.parametrize.register_parametrization(layer, "weight_hh_l0", nn.Identity())
+    model = nn.Sequential(layer)
+    rnnext.convert(model)
+    assert model[0] is layer
+
+
+def test_dropout_notice_is_given_once_at_the_callers_line():
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        layer = nn.Sequential(rnnext.LSTM(3, 4, dropout=0.5))
+        rnnext.to_torch(layer)
+    assert len(caught) == 1 and "dropout" in str(caught[0].message)
+    assert caught[0].filename == __file__
+
+
+def test_modules_pickled_before_param_shapes_load():
+    """A module pickled by an rnnext that computed its parameter shapes lazily (no
+    _param_shapes attribute) still runs after loading."""
+    import pickle
+
+    ours = rnnext.LSTM(3, 4, num_layers=2)
+    del ours.__dict__["_param_shapes"]
+    loaded = pickle.loads(pickle.dumps(ours))
+    x = torch.randn(5, 2, 3)
+    fresh = rnnext.LSTM(3, 4, num_layers=2)
+    fresh.load_state_dict(ours.state_dict())
+    torch.testing.assert_close(loaded(x)[0], fresh(x)[0], rtol=0, atol=0)
+    assert loaded._param_shapes == fresh._param_shapes

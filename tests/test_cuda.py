@@ -13,20 +13,11 @@ import copy
 import pytest
 import torch
 
-from helpers import (BF16, CELLS, F16, F32, F64, OP_CELLS, assert_results_close,
+from helpers import (CELLS, F16, F32, F64, OP_CELLS, assert_results_close,
                      assert_results_equal, backward_args, backward_op, forward_op, make_inputs,
-                     make_pair, op_args, raised, run, run_packed, to_device, tolerance)
+                     make_pair, op_args, raised, run, run_packed, to_device, tolerance, HALF, MODULE_CONFIGS)
 from rnnext.parity import HALF_ALLOWANCE
 
-HALF = [pytest.param(F16, id="float16"), pytest.param(BF16, id="bfloat16")]
-
-MODULE_CONFIGS = [
-    pytest.param("LSTM", {}, id="LSTM"),
-    pytest.param("LSTM", dict(proj_size=6), id="LSTM-proj"),
-    pytest.param("GRU", {}, id="GRU"),
-    pytest.param("RNN_TANH", {}, id="RNN_TANH"),
-    pytest.param("RNN_RELU", {}, id="RNN_RELU"),
-]
 IN, HID = 8, 16
 STACK = dict(num_layers=2, bidirectional=True)
 LENGTHS = [6, 3, 5, 1, 6, 2]  # unsorted: packed with enforce_sorted=False

@@ -503,11 +503,9 @@ std::vector<Tensor> layer_backward(const Tensor& grad_y_in, const Tensor& grad_h
 // (workspace_dtype, ../layer_checks.h). So the values are loaded and stored in the input
 // dtype while the gate math, the state carried between steps and every GEMM's accumulation
 // are float32. The arguments are checked before widening, so mixed dtypes are still rejected.
-inline bool is_half_type(const Tensor& t) {
-  return t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16;
-}
-inline Tensor widen(const Tensor& t) { return t.to(at::kFloat); }
-inline OptTensor widen(const OptTensor& t) { return t.has_value() ? OptTensor(t->to(at::kFloat)) : t; }
+// Contiguous too: the loops would copy a strided widened tensor (a batch_first x) once more.
+inline Tensor widen(const Tensor& t) { return t.to(at::kFloat, false, false, at::MemoryFormat::Contiguous); }
+inline OptTensor widen(const OptTensor& t) { return t.has_value() ? OptTensor(widen(*t)) : t; }
 inline Tensor narrow_to(const Tensor& t, at::ScalarType dtype) { return t.defined() ? t.to(dtype) : t; }
 
 // The CPU time loop, as csrc/layer_ops.h takes it.
@@ -518,7 +516,7 @@ struct CpuLoop {
                                                             const OptTensor& b_ih, const OptTensor& b_hh,
                                                             const OptTensor& w_hr, const OptTensor& batch_sizes,
                                                             bool reverse, bool need_backward) {
-    if (!is_half_type(x)) {
+    if (!is_half(x.scalar_type())) {
       return layer_forward<Cell>(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse, need_backward);
     }
     check_forward_args<Cell>(kCpuBackend, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes);
@@ -535,7 +533,7 @@ struct CpuLoop {
                                       const OptTensor& batch_sizes, bool reverse, bool has_bias, const Tensor& y,
                                       const Tensor& ws, const Tensor& h0, const OptTensor& c0, bool need_grad_x,
                                       bool need_grad_weights, bool need_grad_h0) {
-    if (!is_half_type(x)) {
+    if (!is_half(x.scalar_type())) {
       return layer_backward<Cell>(grad_y, grad_h_n, grad_c_n, x, w_ih, w_hh, w_hr, batch_sizes, reverse, has_bias,
                                   y, ws, h0, c0, need_grad_x, need_grad_weights, need_grad_h0);
     }
