@@ -49,15 +49,6 @@ class LayerWeights(NamedTuple):
 
 
 _FORWARD_OPS = {cell: getattr(torch.ops.rnnext, f"{cell}_layer_forward").default for cell in CELLS}
-_BACKWARD_OPS = {cell: getattr(torch.ops.rnnext, f"{cell}_layer_backward").default for cell in CELLS}
-
-
-def _forward_op(cell):
-    return _FORWARD_OPS[cell]
-
-
-def _backward_op(cell):
-    return _BACKWARD_OPS[cell]
 
 
 def layer_forward(cell: str, x: Tensor, h0: Tensor, c0: Optional[Tensor], w: LayerWeights,
@@ -74,12 +65,12 @@ def layer_forward(cell: str, x: Tensor, h0: Tensor, c0: Optional[Tensor], w: Lay
     # traced graph can train, and traces made with and without grad agree (trace's check).
     need_backward = torch.jit.is_tracing() or (torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, h0, c0, *w)))
-    op = _forward_op(cell)
+    op = _FORWARD_OPS[cell]
     if cell == "lstm":
         args = (x, h0, c0, w.w_ih, w.w_hh, w.b_ih, w.b_hh, w.w_hr, batch_sizes, reverse, need_backward)
     else:
         args = (x, h0, w.w_ih, w.w_hh, w.b_ih, w.b_hh, batch_sizes, reverse, need_backward)
-    if need_backward or _is_compiling():
+    if need_backward or _compiler_is_compiling():
         out = op(*args)
     else:
         # Nothing will be recorded: go straight to the kernel, past the Python autograd
@@ -111,10 +102,6 @@ def _cast(tensors, dtype):
         return t if t is None or t.dtype == torch.float64 else t.to(dtype)
 
     return cast(x), cast(h0), cast(c0), LayerWeights(*(cast(t) for t in w))
-
-
-def _is_compiling() -> bool:
-    return _compiler_is_compiling()
 
 
 # torch.compiler.is_compiling (torch >= 2.3), looked up once: it is asked at every call.
