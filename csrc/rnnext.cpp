@@ -19,6 +19,7 @@
 
 #include "cpu/options.h"
 #include "cpu/scratch.h"
+#include "layer_checks.h"
 #include "workspace.h"
 
 namespace {
@@ -37,6 +38,20 @@ PyObject* workspace_blocks(PyObject*, PyObject* arg) {
     return PyLong_FromLongLong(rnnext::RnnTraits::kBlocks);
   }
   PyErr_Format(PyExc_ValueError, "unknown cell %s", cell);
+  return nullptr;
+}
+
+// _C.float32_workspace_for_half(device_type) -> whether that backend's workspace is float32
+// for float16/bfloat16 inputs (layer_checks.h, workspace_dtype), for the fake kernels.
+PyObject* float32_workspace_for_half(PyObject*, PyObject* arg) {
+  const char* device = PyUnicode_Check(arg) ? PyUnicode_AsUTF8(arg) : nullptr;
+  if (device == nullptr) {
+    PyErr_SetString(PyExc_TypeError, "float32_workspace_for_half takes a device type name");
+    return nullptr;
+  }
+  if (std::strcmp(device, "cpu") == 0) return PyBool_FromLong(rnnext::kCpuBackend.float32_workspace_for_half);
+  if (std::strcmp(device, "cuda") == 0) return PyBool_FromLong(rnnext::kCudaBackend.float32_workspace_for_half);
+  PyErr_Format(PyExc_ValueError, "no rnnext backend for device type %s", device);
   return nullptr;
 }
 
@@ -89,6 +104,8 @@ PyMethodDef methods[] = {
     {"cpu_option", cpu_option, METH_VARARGS, "get (or set, given a value) a CPU tuning option (csrc/cpu/options.h)"},
     {"workspace_blocks", workspace_blocks, METH_O, "workspace blocks of H columns of a cell (csrc/workspace.h)"},
     {"built_with_cuda", built_with_cuda, METH_NOARGS, "whether this build has the CUDA kernels"},
+    {"float32_workspace_for_half", float32_workspace_for_half, METH_O,
+     "whether a backend keeps a float32 workspace for half inputs (csrc/layer_checks.h)"},
     {nullptr, nullptr, 0, nullptr},
 };
 

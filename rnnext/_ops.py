@@ -30,10 +30,14 @@ def workspace_cols(cell: str, hidden_size: int, proj: bool) -> int:
     return (_WORKSPACE_BLOCKS[cell] + (1 if proj else 0)) * hidden_size
 
 
+# Per backend, whether its workspace is float32 for float16/bfloat16 input (the CPU's loops
+# compute and save those in float32): read from csrc/layer_checks.h.
+_FLOAT32_WORKSPACE_FOR_HALF = {device: _C.float32_workspace_for_half(device) for device in ("cpu", "cuda")}
+
+
 def workspace_dtype(x: Tensor) -> torch.dtype:
-    """The workspace's dtype for input x (csrc/layer_checks.h, workspace_dtype): x's, except
-    float32 for float16/bfloat16 on the CPU, whose loops compute and save in float32."""
-    if x.device.type == "cpu" and x.dtype in (torch.float16, torch.bfloat16):
+    """The workspace's dtype for input x (csrc/layer_checks.h, workspace_dtype)."""
+    if x.dtype in (torch.float16, torch.bfloat16) and _FLOAT32_WORKSPACE_FOR_HALF.get(x.device.type, False):
         return torch.float32
     return x.dtype
 
