@@ -80,6 +80,81 @@ def test_step_gemm_chunk_sized_products(route):
         assert bool((err <= bound).all()), f"{route} m={m} n={n} k={k}: {(err / bound).max().item():.2f}x the bound"
 
 
+# The few-row kernels of a weight used once or twice (gemm.h), in float32 and float64: rows
+# reaching every row group (4 at a time, then 3, 2, 1) up to the BLAS hand-over (32 rows), W's
+# rows in groups of 4 and alone (small_gemm_nt) or columns in whole and partial vectors and
+# single elements (small_gemm_nn), depths with and without a lane tail (k % 16, k % 8).
+SMALL_ROUTES = ("small_nt", "small_nn")
+SMALL_ROWS = (1, 2, 3, 4, 5, 7, 8, 9, 16, 17, 32)
+SMALL_COLS = (1, 3, 4, 5, 8, 17, 33, 64, 100)
+SMALL_DEPTHS = (1, 7, 8, 16, 17, 64, 100)
+
+
+def small_operands(m, n, k, dtype, seed):
+    a, w, c = operands(m, n, k, seed)
+    return a.to(dtype), w.to(dtype), c.to(dtype)
+
+
+@pytest.mark.parametrize("route", SMALL_ROUTES)
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64), ids=("float32", "float64"))
+def test_small_kernels_match_float64(route, dtype):
+    unit = 2.0 ** -24 if dtype == torch.float32 else 2.0 ** -53
+    for m, n, k in itertools.product(SMALL_ROWS, SMALL_COLS, SMALL_DEPTHS):
+        a, w, c = small_operands(m, n, k, dtype, seed=m * 1000 + n * 10 + k)
+        for accumulate in (False, True):
+            got = torch.ops.rnnext._step_gemm(a, w, c, route, accumulate)
+            assert got.dtype == dtype
+            padding = torch.empty(0, dtype=dtype).set_(got.untyped_storage(), 0, (m, n + 5), (n + 5, 1))[:, n:]
+            assert bool(padding.isnan().all()), f"{route} m={m} n={n} k={k}: wrote past column n"
+            exact = a.double() @ w.double().t() + (c.double() if accumulate else 0)
+            scale = a.double().abs() @ w.double().abs().t() + (c.double().abs() if accumulate else 0)
+            bound = (k + 2) * unit * scale + 1e-300
+            err = (got.double() - exact).abs()
+            assert bool((err <= bound).all()), (
+                f"{route} {dtype} m={m} n={n} k={k} accumulate={accumulate}: "
+                f"{(err / bound).max().item():.2f}x the rounding bound")
+
+
+@pytest.mark.parametrize("route", SMALL_ROUTES)
+def test_small_kernels_same_bits_run_to_run_and_across_threads(route):
+    """Large enough ([4, 700] x [700, 1000]) that the columns are split across threads."""
+    a, w, c = small_operands(4, 1000, 700, torch.float32, seed=5)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        first = torch.ops.rnnext._step_gemm(a, w, c, route, True)
+        second = torch.ops.rnnext._step_gemm(a, w, c, route, True)
+        torch.set_num_threads(1)
+        single = torch.ops.rnnext._step_gemm(a, w, c, route, True)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(first, second)
+    assert torch.equal(first, single)
+
+
+def test_small_nt_groups_of_four_sum_as_single_columns():
+    """A column's dot product has the same bits whether its W row is in a group of four
+    (lane_sums4) or alone (lane_sum): here column 4 is alone in a 5-column product and
+    grouped in an 8-column one."""
+    a, w, c = small_operands(3, 8, 100, torch.float32, seed=9)
+    alone = torch.ops.rnnext._step_gemm(a, w[:5], c[:, :5], "small_nt", False)
+    grouped = torch.ops.rnnext._step_gemm(a, w, c, "small_nt", False)
+    assert torch.equal(alone[:, 4], grouped[:, 4])
+
+
+# One step of a layer (a weight used once, multiplied as it is): batches on each side of the
+# few-row kernels' limits (8 and 16 rows forward, 16 and 32 backward), k = 512 reaching the
+# forward's 16-row limit; outputs, states and every gradient against torch.nn.
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64), ids=("float32", "float64"))
+def test_one_step_layers_on_the_unpacked_kernels(cell, dtype):
+    for batch, hidden in ((1, 40), (3, 40), (8, 40), (9, 40), (16, 512), (17, 40), (32, 40), (33, 40)):
+        ref, ours = make_pair(cell, 40 if hidden == 40 else 512, hidden, dtype=dtype, seed=batch)
+        x, hx = make_inputs(ref, with_hx=True, seq_len=1, batch=batch)
+        assert_results_close(run(ref, x, hx), run(ours, x, hx), f"{cell} {dtype} B={batch} H={hidden}",
+                             scale_atol=True)
+
+
 def test_own_kernels_give_the_same_bits():
     require_gemm_route("avx512")
     require_gemm_route("avx2")

@@ -1,6 +1,7 @@
 // rnnext::_step_gemm on the CPU: one product of the per-step float32 GEMM (packed_gemm.h) on
 // a route the caller names, so tests can reach every kernel this CPU has, and each kernel's
-// remainder paths (row blocks, partial strips, K blocks), without a layer around it.
+// remainder paths (row blocks, partial strips, K blocks), without a layer around it; also
+// the few-row kernels of an unpacked weight (gemm.h: "small_nt", "small_nn").
 #include <torch/library.h>
 
 #include <limits>
@@ -18,17 +19,36 @@ namespace {
 at::Tensor step_gemm(const at::Tensor& a, const at::Tensor& w, const at::Tensor& c, c10::string_view route,
                      bool accumulate) {
   TORCH_CHECK(a.dim() == 2 && w.dim() == 2 && c.dim() == 2, "rnnext::_step_gemm: a, w and c must be 2-D");
-  TORCH_CHECK(a.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat && c.scalar_type() == at::kFloat,
-              "rnnext::_step_gemm: float32 only");
   const int64_t m = a.size(0), k = a.size(1), n = w.size(0);
   TORCH_CHECK(w.size(1) == k && c.size(0) == m && c.size(1) == n, "rnnext::_step_gemm: shapes ", a.sizes(), " x ",
               w.sizes(), "^T -> ", c.sizes(), " do not agree");
   TORCH_CHECK(a.stride(1) == 1 || k <= 1, "rnnext::_step_gemm: a's rows must be contiguous");
-  const packed_gemm::Kernel kernel = packed_gemm::parse_kernel(std::string(route), "route");
   const int64_t ldc = n + 5;
-  at::Tensor out = at::full({m, ldc}, std::numeric_limits<float>::quiet_NaN(), c.options()).narrow(1, 0, n);
+  at::Tensor out = at::full({m, ldc}, std::numeric_limits<double>::quiet_NaN(), c.options()).narrow(1, 0, n);
   out.copy_(c);
   const int64_t lda = std::max<int64_t>(a.stride(0), 1);
+  // The few-row kernels of an unpacked weight (float32 and float64): W as it is ([n, k] rows
+  // contiguous: small_gemm_nt), or W^T's storage ([k, n] rows contiguous: small_gemm_nn).
+  if (route == "small_nt" || route == "small_nn") {
+    TORCH_CHECK(a.scalar_type() == w.scalar_type() && c.scalar_type() == w.scalar_type() &&
+                    (w.scalar_type() == at::kFloat || w.scalar_type() == at::kDouble),
+                "rnnext::_step_gemm: float32 or float64, all three alike");
+    AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "rnnext_step_gemm", [&] {
+      if (route == "small_nt") {
+        const at::Tensor wc = w.contiguous();
+        small_gemm_nt<scalar_t>(m, n, k, a.data_ptr<scalar_t>(), lda, wc.data_ptr<scalar_t>(), k, accumulate,
+                                out.data_ptr<scalar_t>(), ldc);
+      } else {
+        const at::Tensor wt = w.t().contiguous();
+        small_gemm_nn<scalar_t>(m, n, k, a.data_ptr<scalar_t>(), lda, wt.data_ptr<scalar_t>(), n, accumulate,
+                                out.data_ptr<scalar_t>(), ldc);
+      }
+    });
+    return out;
+  }
+  TORCH_CHECK(a.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat && c.scalar_type() == at::kFloat,
+              "rnnext::_step_gemm: float32 only");
+  const packed_gemm::Kernel kernel = packed_gemm::parse_kernel(std::string(route), "route");
   if (kernel == packed_gemm::Kernel::kNone) {
     const at::Tensor wc = w.contiguous();
     gemm<float>(false, true, m, n, k, a.data_ptr<float>(), lda, wc.data_ptr<float>(), k, accumulate,
