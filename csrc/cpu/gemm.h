@@ -12,7 +12,9 @@
 //    W_hh^T backward) or every chunk of steps, prepared once per op call: float32 packed for
 //    our AVX-512 or AVX2 kernel (packed_gemm.h) at up to 4096 / 256 rows per call, or into
 //    MKL's panel layout (cblas_sgemm_pack) beyond; transposed for small_gemm_nn at a few
-//    rows; else plain BLAS.
+//    rows. A weight used once or twice (a *Cell call, one step of a layer) is not prepared:
+//    our few-row kernels read it as it is (small_gemm_nt) or, for W^T, its storage
+//    (small_gemm_nn), up to 8-32 rows; else plain BLAS.
 //  * OneDnnLinear: x @ W^T through oneDNN (torch's mkldnn::_linear_pointwise) with W
 //    prepacked once per op call, for the one-shot grad of x in backward; each call costs
 //    ~15 us, so only large float32 products take this route.
@@ -275,7 +277,9 @@ void small_gemm_nn(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, con
 // generic sgemv/dgemv (what MKL runs on AMD CPUs) took 20 us of a 55 us GRU step at B=1,
 // H=256. Each dot product is summed in kLanes partial sums (one 64-byte vector) reduced in a
 // fixed tree, plus the k % kLanes tail in order: deterministic, whatever the thread split.
-// The sum of a vector's lanes in a fixed tree: halves added lane by lane until one is left.
+// The sum of a vector's lanes in a fixed tree: halves added lane by lane until one is left
+// (lane_sum), and the same for four vectors at once (lane_sums4).
+#if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)
 typedef float Float8 __attribute__((vector_size(32)));
 typedef float Float4 __attribute__((vector_size(16)));
 typedef float Float2 __attribute__((vector_size(8)));
@@ -327,6 +331,28 @@ RNNEXT_ALWAYS_INLINE void lane_sums4(const Vec64<double>* v, double* out) {
   const Double4 sums = __builtin_shufflevector(y01, y23, 0, 2, 4, 6) + __builtin_shufflevector(y01, y23, 1, 3, 5, 7);
   std::memcpy(out, &sums, sizeof(sums));
 }
+
+#else
+// Compilers without __builtin_shufflevector: the same trees on arrays.
+template <typename T>
+inline T lane_sum_tree(const Vec64<T>& v) {
+  constexpr int kLanes = 64 / sizeof(T);
+  T lanes[kLanes];
+  std::memcpy(lanes, &v, sizeof(lanes));
+  for (int width = kLanes / 2; width >= 1; width /= 2) {
+    for (int l = 0; l < width; ++l) lanes[l] += lanes[l + width];
+  }
+  return lanes[0];
+}
+inline float lane_sum(const Vec64<float>& v) { return lane_sum_tree<float>(v); }
+inline double lane_sum(const Vec64<double>& v) { return lane_sum_tree<double>(v); }
+inline void lane_sums4(const Vec64<float>* v, float* out) {
+  for (int r = 0; r < 4; ++r) out[r] = lane_sum(v[r]);
+}
+inline void lane_sums4(const Vec64<double>* v, double* out) {
+  for (int r = 0; r < 4; ++r) out[r] = lane_sum(v[r]);
+}
+#endif
 
 template <typename T, int kRows, int kW>
 RNNEXT_ALWAYS_INLINE void small_gemm_nt_tile(int64_t k, const T* __restrict__ a, int64_t lda,
