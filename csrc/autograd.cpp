@@ -114,6 +114,9 @@ struct LayerFunction : public torch::autograd::Function<LayerFunction> {
       g = with_graph.call(kCellNames[cell], grad_y, grad_h_n, opt(grad_c_n), s[kX], s[kH0], opt(s[kC0]), s[kWih],
                           s[kWhh], opt(s[kBih]), opt(s[kBhh]), opt(s[kWhr]), opt(s[kBatchSizes]), reverse);
     } else {
+      // The backward ops have no autograd kernel: below autograd they skip the dispatcher's
+      // not-implemented fallback, which checks every argument and output (a few us a call).
+      const at::AutoDispatchBelowADInplaceOrView below_autograd;
       const bool need_x = needs[kX];
       const bool need_weights = needs[kWih] || needs[kWhh] || needs[kBih] || needs[kBhh] || needs[kWhr];
       const std::string name = std::string("rnnext::") + kCellNames[cell] + "_layer_backward";
