@@ -421,6 +421,19 @@ void small_gemm_nt(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, con
   });
 }
 
+// Up to how many rows a weight used once or twice (not packed) is multiplied by our
+// few-row kernels rather than the BLAS. Measured on Zen 4 (AVX-512, 2 threads, MKL through
+// torch 2.13), products of [rows, k] by [k, n] for (n, k) from (256, 256) to (1536, 512):
+// W's storage as [k, n] (small_gemm_nn: the backward's dh_prev = d_gh @ W_hh and grad_x =
+// d_gi @ W_ih) was 1.1-2x faster than MKL up to 32 rows in float32 and up to 16 in float64
+// (0.9x at 32); W as [n, k] (small_gemm_nt, the forward's x @ W^T, whose dot products each
+// end in a lane sum) 1.2-1.8x up to 8 rows, 0.85-1.4x at 16 (a gain from k = 512 on) and
+// 0.8-1.3x at 32. (A kernel for the weight gradients' d^T @ x measured slower than MKL.)
+template <typename T>
+constexpr int64_t kUnpackedNnRows = sizeof(T) == 4 ? 32 : 16;
+
+inline bool unpacked_nt_route(int64_t rows, int64_t k) { return rows <= 8 || (rows <= 16 && k >= 512); }
+
 // MKL's packed-GEMM interface (cblas_sgemm_pack / cblas_sgemm_compute), which torch's x86
 // builds export: the weight is reordered into MKL's panel layout once, instead of being
 // copied into it by every sgemm call (a third of a [32, 256] x [256, 1024] product's time).
@@ -512,7 +525,7 @@ class StepWeight {
                                   static_cast<int>(lda), w, static_cast<int>(k_), accumulate ? 1.f : 0.f, c,
                                   static_cast<int>(ldc));
       }
-    } else if (stored_transposed_ ? rows <= kUnpackedNnRows<T> : (rows <= 8 || (rows <= 16 && k_ >= 512))) {
+    } else if (stored_transposed_ ? rows <= kUnpackedNnRows<T> : unpacked_nt_route(rows, k_)) {
       // A weight used once or twice, as it is: see kUnpackedNnRows for the measured limits.
       if (stored_transposed_) {
         small_gemm_nn<T>(rows, n_, k_, a, lda, w, n_, accumulate, c, ldc);
@@ -548,15 +561,6 @@ class StepWeight {
   // Fewer products than this take the weight as it is (see the class comment).
   static constexpr int64_t kMinUsesToPack = 3;
 
-  // Up to how many rows such an unpacked weight is multiplied by our few-row kernels rather
-  // than the BLAS. Measured on Zen 4 (AVX-512, 2 threads, MKL 2025 through torch 2.13),
-  // products of [rows, k] by [k, n] for (n, k) from (256, 256) to (1536, 512): W^T's storage
-  // (small_gemm_nn, the backward's dh_prev) was 1.1-2x faster than MKL up to 32 rows in
-  // float32 and up to 16 in float64 (0.9x at 32); W as it is (small_gemm_nt, the forward's
-  // products, whose dot products each end in a lane sum) 1.2-1.8x up to 8 rows, 0.85-1.4x at
-  // 16 (a gain from k = 512 on) and 0.8-1.3x at 32.
-  template <typename U>
-  static constexpr int64_t kUnpackedNnRows = sizeof(U) == 4 ? 32 : 16;
 
  private:
   int64_t n_, k_;

@@ -490,8 +490,19 @@ std::vector<Tensor> layer_backward(const Tensor& grad_y_in, const Tensor& grad_h
   // grad_x and the weight gradients: one GEMM each over all steps, no per-step accumulation.
   Tensor grad_x = x.new_empty({0});
   if (need_grad_x) {
-    const OneDnnLinear input_linear(w_ih.t(), st.N, st.N);
-    grad_x = (input_linear.available() ? input_linear(d_gi) : at::mm(d_gi, w_ih)).view(x_in.sizes());
+    // grad_x = d_gi @ W_ih: [N, G*H] x [G*H, I]; with a few rows in all (a *Cell call, one
+    // step of a layer) by our few-row kernel on W_ih's rows as they are (kUnpackedNnRows).
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rnnext_grad_x", [&] {
+      if (st.N <= kUnpackedNnRows<scalar_t>) {
+        grad_x = x.new_empty({st.N, sz.I});
+        small_gemm_nn<scalar_t>(st.N, sz.I, GH, d_gi.data_ptr<scalar_t>(), GH, w_ih.data_ptr<scalar_t>(), sz.I,
+                                false, grad_x.data_ptr<scalar_t>(), sz.I);
+      } else {
+        const OneDnnLinear input_linear(w_ih.t(), st.N, st.N);
+        grad_x = input_linear.available() ? input_linear(d_gi) : at::mm(d_gi, w_ih);
+      }
+    });
+    grad_x = grad_x.view(x_in.sizes());
   }
   return backward_outputs(grad_x, dh_state, dc_state, need_grad_h0, need_grad_weights, d_gi, d_gh, x, h_prev_all,
                           has_bias, sz.proj ? OptTensor(dh_all) : std::nullopt,
