@@ -95,14 +95,20 @@ def small_operands(m, n, k, dtype, seed):
     return a.to(dtype), w.to(dtype), c.to(dtype)
 
 
+# Vector widths of the few-row kernels (bytes) and the instruction set each needs.
+SMALL_WIDTHS = {"64": "avx512", "32": "avx2", "16": "blas"}
+
+
+@pytest.mark.parametrize("width", SMALL_WIDTHS)
 @pytest.mark.parametrize("route", SMALL_ROUTES)
 @pytest.mark.parametrize("dtype", (torch.float32, torch.float64), ids=("float32", "float64"))
-def test_small_kernels_match_float64(route, dtype):
+def test_small_kernels_match_float64(route, dtype, width):
+    require_gemm_route(SMALL_WIDTHS[width])
     unit = 2.0 ** -24 if dtype == torch.float32 else 2.0 ** -53
     for m, n, k in itertools.product(SMALL_ROWS, SMALL_COLS, SMALL_DEPTHS):
         a, w, c = small_operands(m, n, k, dtype, seed=m * 1000 + n * 10 + k)
         for accumulate in (False, True):
-            got = torch.ops.rnnext._step_gemm(a, w, c, route, accumulate)
+            got = torch.ops.rnnext._step_gemm(a, w, c, f"{route}@{width}", accumulate)
             assert got.dtype == dtype
             padding = torch.empty(0, dtype=dtype).set_(got.untyped_storage(), 0, (m, n + 5), (n + 5, 1))[:, n:]
             assert bool(padding.isnan().all()), f"{route} m={m} n={n} k={k}: wrote past column n"
@@ -115,31 +121,43 @@ def test_small_kernels_match_float64(route, dtype):
                 f"{(err / bound).max().item():.2f}x the rounding bound")
 
 
+@pytest.mark.parametrize("width", SMALL_WIDTHS)
 @pytest.mark.parametrize("route", SMALL_ROUTES)
-def test_small_kernels_same_bits_run_to_run_and_across_threads(route):
+def test_small_kernels_same_bits_run_to_run_and_across_threads(route, width):
     """Large enough ([4, 700] x [700, 1000]) that the columns are split across threads."""
+    require_gemm_route(SMALL_WIDTHS[width])
     a, w, c = small_operands(4, 1000, 700, torch.float32, seed=5)
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
-        first = torch.ops.rnnext._step_gemm(a, w, c, route, True)
-        second = torch.ops.rnnext._step_gemm(a, w, c, route, True)
+        first = torch.ops.rnnext._step_gemm(a, w, c, f"{route}@{width}", True)
+        second = torch.ops.rnnext._step_gemm(a, w, c, f"{route}@{width}", True)
         torch.set_num_threads(1)
-        single = torch.ops.rnnext._step_gemm(a, w, c, route, True)
+        single = torch.ops.rnnext._step_gemm(a, w, c, f"{route}@{width}", True)
     finally:
         torch.set_num_threads(before)
     assert torch.equal(first, second)
     assert torch.equal(first, single)
 
 
-def test_small_nt_groups_of_four_sum_as_single_columns():
-    """A column's dot product has the same bits whether its W row is in a group of four
-    (lane_sums4) or alone (lane_sum): here column 4 is alone in a 5-column product and
-    grouped in an 8-column one."""
+@pytest.mark.parametrize("width", SMALL_WIDTHS)
+def test_small_nt_groups_of_four_sum_as_single_columns(width):
+    """A column's dot product has the same bits whether its W row is in a tile of four or
+    alone, and whichever rows of A share its tile: column 4 is alone in a 5-column product and
+    grouped in an 8-column one; row 2 of A is in a tile of 3 rows, or alone."""
+    require_gemm_route(SMALL_WIDTHS[width])
+    route = f"small_nt@{width}"
     a, w, c = small_operands(3, 8, 100, torch.float32, seed=9)
-    alone = torch.ops.rnnext._step_gemm(a, w[:5], c[:, :5], "small_nt", False)
-    grouped = torch.ops.rnnext._step_gemm(a, w, c, "small_nt", False)
+    alone = torch.ops.rnnext._step_gemm(a, w[:5], c[:, :5], route, False)
+    grouped = torch.ops.rnnext._step_gemm(a, w, c, route, False)
     assert torch.equal(alone[:, 4], grouped[:, 4])
+    single_row = torch.ops.rnnext._step_gemm(a[2:], w, c[2:], route, False)
+    assert torch.equal(single_row[0], grouped[2])
+
+
+def test_small_kernel_widths_are_checked():
+    with pytest.raises(ValueError, match="16, 32 or 64"):
+        torch.ops.rnnext._step_gemm(torch.ones(1, 1), torch.ones(1, 1), torch.zeros(1, 1), "small_nt@8", False)
 
 
 # One step of a layer (a weight used once, multiplied as it is): batches on each side of the

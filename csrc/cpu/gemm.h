@@ -14,7 +14,8 @@
 //    MKL's panel layout (cblas_sgemm_pack) beyond; transposed for small_gemm_nn at a few
 //    rows. A weight used once or twice (a *Cell call, one step of a layer) is not prepared:
 //    our few-row kernels read it as it is (small_gemm_nt) or, for W^T, its storage
-//    (small_gemm_nn), up to 8-32 rows; else plain BLAS.
+//    (small_gemm_nn), up to the rows measured faster than the BLAS (unpacked_nn_rows);
+//    else plain BLAS.
 //  * OneDnnLinear: x @ W^T through oneDNN (torch's mkldnn::_linear_pointwise) with W
 //    prepacked once per op call, for the one-shot grad of x in backward; each call costs
 //    ~15 us, so only large float32 products take this route.
@@ -150,55 +151,86 @@ void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const T* 
 // costs a few microseconds through sgemm, mostly call overhead, and a fraction of one here).
 constexpr int64_t kSmallGemmRows = 4;
 
-// One 64-byte vector of T (GCC vector extension): the few-row kernels below keep their sums
-// in such values, so that they stay in registers (plain arrays were spilled to the stack).
-// (Spelled per type: GCC ignores vector_size on a dependent type.)
-template <typename T>
-struct Vec64Of;
-template <>
-struct Vec64Of<float> {
-  typedef float type __attribute__((vector_size(64)));
-};
-template <>
-struct Vec64Of<double> {
-  typedef double type __attribute__((vector_size(64)));
-};
-template <typename T>
-using Vec64 = typename Vec64Of<T>::type;
+// The few-row kernels below work on SIMD vectors of kBytes bytes (GCC vector extension), kept
+// in registers: 64 where the CPU has AVX-512, 32 with AVX2, 16 otherwise (simd_bytes()). Each
+// width is compiled for its instruction set (the *_avx512 / *_avx2 entry points); a vector
+// wider than the instruction set's registers would be split and spilled (measured: a 64-byte
+// build on AVX2 ran 4-20x slower than MKL).
+// (Spelled per type and size: GCC ignores vector_size on a dependent type.)
+template <typename T, int kBytes>
+struct VecOf;
+#define RNNEXT_VEC_OF(T, N)                       \
+  template <>                                     \
+  struct VecOf<T, N> {                            \
+    typedef T type __attribute__((vector_size(N))); \
+  };
+RNNEXT_VEC_OF(float, 64)
+RNNEXT_VEC_OF(float, 32)
+RNNEXT_VEC_OF(float, 16)
+RNNEXT_VEC_OF(float, 8)
+RNNEXT_VEC_OF(double, 64)
+RNNEXT_VEC_OF(double, 32)
+RNNEXT_VEC_OF(double, 16)
+#undef RNNEXT_VEC_OF
+template <typename T, int kBytes>
+using Vec = typename VecOf<T, kBytes>::type;
 
-template <typename T>
-RNNEXT_ALWAYS_INLINE Vec64<T> load_vec64(const T* p) {
-  Vec64<T> v;
+template <typename T, int kBytes>
+RNNEXT_ALWAYS_INLINE Vec<T, kBytes> load_vec(const T* p) {
+  Vec<T, kBytes> v;
   std::memcpy(&v, p, sizeof(v));
   return v;
 }
 
-template <typename T>
-RNNEXT_ALWAYS_INLINE void store_vec64(T* p, const Vec64<T>& v) {
+template <typename T, int kBytes>
+RNNEXT_ALWAYS_INLINE void store_vec(T* p, const Vec<T, kBytes>& v) {
   std::memcpy(p, &v, sizeof(v));
+}
+
+// The sum of a vector's lanes in a fixed tree: halves added lane by lane until one is left.
+template <typename T, int kBytes>
+RNNEXT_ALWAYS_INLINE T lane_sum(const Vec<T, kBytes>& v) {
+  if constexpr (kBytes == 2 * sizeof(T)) {
+    T pair[2];
+    std::memcpy(pair, &v, sizeof(pair));
+    return pair[0] + pair[1];
+  } else {
+    Vec<T, kBytes / 2> lo, hi;
+    std::memcpy(&lo, &v, sizeof(lo));
+    std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof(lo), sizeof(hi));
+    return lane_sum<T, kBytes / 2>(lo + hi);
+  }
+}
+
+// The vector width of the few-row kernels on this CPU (see VecOf).
+inline int simd_bytes() {
+  return packed_gemm::cpu_supports(packed_gemm::Kernel::kAvx512) ? 64
+         : packed_gemm::cpu_supports(packed_gemm::Kernel::kAvx2) ? 32
+                                                                  : 16;
 }
 
 // Row-major C[m, n] = A[m, k] @ B[k, n] (+ C when accumulate), for a few rows: a tile of
 // kRows rows by kVecs vectors of columns is accumulated in registers over all k (per p, one
 // row of B's slice times each row's a[p]), then stored once; each row of B is read once per
 // kRows rows of A. Every element is summed over p in order: deterministic.
-template <typename T, int kRows, int kVecs>
+template <typename T, int kBytes, int kRows, int kVecs>
 RNNEXT_ALWAYS_INLINE void small_gemm_nn_tile(int64_t k, const T* __restrict__ a, int64_t lda,
                                              const T* __restrict__ b, int64_t ldb, bool accumulate,
                                              T* __restrict__ c, int64_t ldc) {
-  constexpr int kLanes = 64 / sizeof(T);
-  Vec64<T> acc[kRows][kVecs];
+  using V = Vec<T, kBytes>;
+  constexpr int kLanes = kBytes / sizeof(T);
+  V acc[kRows][kVecs];
   for (int i = 0; i < kRows; ++i) {
-    for (int v = 0; v < kVecs; ++v) acc[i][v] = accumulate ? load_vec64(c + i * ldc + v * kLanes) : Vec64<T>{};
+    for (int v = 0; v < kVecs; ++v) acc[i][v] = accumulate ? load_vec<T, kBytes>(c + i * ldc + v * kLanes) : V{};
   }
   for (int64_t p = 0; p < k; ++p) {
     for (int v = 0; v < kVecs; ++v) {
-      const Vec64<T> bv = load_vec64(b + p * ldb + v * kLanes);
+      const V bv = load_vec<T, kBytes>(b + p * ldb + v * kLanes);
       for (int i = 0; i < kRows; ++i) acc[i][v] += a[i * lda + p] * bv;
     }
   }
   for (int i = 0; i < kRows; ++i) {
-    for (int v = 0; v < kVecs; ++v) store_vec64(c + i * ldc + v * kLanes, acc[i][v]);
+    for (int v = 0; v < kVecs; ++v) store_vec<T, kBytes>(c + i * ldc + v * kLanes, acc[i][v]);
   }
 }
 
@@ -212,35 +244,134 @@ RNNEXT_ALWAYS_INLINE void small_gemm_nn_element(int64_t k, const T* __restrict__
 }
 
 // Columns [j0, j1) of rows [0, kRows) of small_gemm_nn (below).
-template <typename T, int kRows>
+template <typename T, int kBytes, int kRows>
 RNNEXT_ALWAYS_INLINE void small_gemm_nn_rows(int64_t j0, int64_t j1, int64_t k, const T* a, int64_t lda, const T* b,
                                              int64_t ldb, bool accumulate, T* c, int64_t ldc) {
-  // Enough independent sums in flight to hide the FMA latency: 4 or more vectors a tile.
-  constexpr int kLanes = 64 / sizeof(T), kVecs = kRows <= 2 ? 4 : 2;
+  // Enough independent sums in flight to hide the FMA latency (4 or more vectors a tile),
+  // and no more than 8, which leave registers for the loads on every instruction set.
+  constexpr int kLanes = kBytes / sizeof(T), kVecs = kRows <= 2 ? 4 : 2;
   int64_t j = j0;
   for (; j + kVecs * kLanes <= j1; j += kVecs * kLanes) {
-    small_gemm_nn_tile<T, kRows, kVecs>(k, a, lda, b + j, ldb, accumulate, c + j, ldc);
+    small_gemm_nn_tile<T, kBytes, kRows, kVecs>(k, a, lda, b + j, ldb, accumulate, c + j, ldc);
   }
-  for (; j + kLanes <= j1; j += kLanes) small_gemm_nn_tile<T, kRows, 1>(k, a, lda, b + j, ldb, accumulate, c + j, ldc);
+  for (; j + kLanes <= j1; j += kLanes) {
+    small_gemm_nn_tile<T, kBytes, kRows, 1>(k, a, lda, b + j, ldb, accumulate, c + j, ldc);
+  }
   for (; j < j1; ++j) {
     for (int i = 0; i < kRows; ++i) small_gemm_nn_element<T>(k, a + i * lda, b + j, ldb, accumulate, c + i * ldc + j);
   }
 }
 
 // Columns [j0, j1) of small_gemm_nn: up to 4 rows per pass over B.
-template <typename T>
-RNNEXT_SIMD_CLONES void small_gemm_nn_cols(int64_t m, int64_t j0, int64_t j1, int64_t k, const T* a, int64_t lda,
-                                           const T* b, int64_t ldb, bool accumulate, T* c, int64_t ldc) {
+template <typename T, int kBytes>
+RNNEXT_ALWAYS_INLINE void small_gemm_nn_cols(int64_t m, int64_t j0, int64_t j1, int64_t k, const T* a, int64_t lda,
+                                             const T* b, int64_t ldb, bool accumulate, T* c, int64_t ldc) {
   for (int64_t i = 0; i < m; i += 4) {
     const T* ai = a + i * lda;
     T* ci = c + i * ldc;
     switch (std::min<int64_t>(4, m - i)) {
-      case 4: small_gemm_nn_rows<T, 4>(j0, j1, k, ai, lda, b, ldb, accumulate, ci, ldc); break;
-      case 3: small_gemm_nn_rows<T, 3>(j0, j1, k, ai, lda, b, ldb, accumulate, ci, ldc); break;
-      case 2: small_gemm_nn_rows<T, 2>(j0, j1, k, ai, lda, b, ldb, accumulate, ci, ldc); break;
-      default: small_gemm_nn_rows<T, 1>(j0, j1, k, ai, lda, b, ldb, accumulate, ci, ldc); break;
+      case 4: small_gemm_nn_rows<T, kBytes, 4>(j0, j1, k, ai, lda, b, ldb, accumulate, ci, ldc); break;
+      case 3: small_gemm_nn_rows<T, kBytes, 3>(j0, j1, k, ai, lda, b, ldb, accumulate, ci, ldc); break;
+      case 2: small_gemm_nn_rows<T, kBytes, 2>(j0, j1, k, ai, lda, b, ldb, accumulate, ci, ldc); break;
+      default: small_gemm_nn_rows<T, kBytes, 1>(j0, j1, k, ai, lda, b, ldb, accumulate, ci, ldc); break;
     }
   }
+}
+
+// Row-major C[m, n] = A[m, k] @ W^T (+ C when accumulate) for a few rows, with W [n, k] read
+// in its own layout (rows contiguous, leading dimension ldw): each element is the dot product
+// of a row of A with a row of W. A weight used once or twice (a *Cell call, one decoder step)
+// is then neither transposed nor packed, and the product does not go to the BLAS, whose
+// generic sgemv/dgemv (what MKL runs on AMD CPUs) took 20 us of a 55 us GRU step at B=1,
+// H=256. A tile of kRows rows of A by kW rows of W: kRows x kW dot products, each summed in
+// one vector of partial sums (each row of A and of W is loaded once per vector step and used
+// kW or kRows times), then lane_sum plus the k % kLanes tail in order: deterministic,
+// whatever the thread split.
+template <typename T, int kBytes, int kRows, int kW>
+RNNEXT_ALWAYS_INLINE void small_gemm_nt_tile(int64_t k, const T* __restrict__ a, int64_t lda,
+                                             const T* __restrict__ w, int64_t ldw, bool accumulate,
+                                             T* __restrict__ c, int64_t ldc) {
+  using V = Vec<T, kBytes>;
+  constexpr int kLanes = kBytes / sizeof(T);
+  V acc[kRows][kW] = {};
+  int64_t p = 0;
+  for (; p + kLanes <= k; p += kLanes) {
+    V wv[kW];
+    for (int r = 0; r < kW; ++r) wv[r] = load_vec<T, kBytes>(w + r * ldw + p);
+    for (int i = 0; i < kRows; ++i) {
+      const V av = load_vec<T, kBytes>(a + i * lda + p);
+      for (int r = 0; r < kW; ++r) acc[i][r] += av * wv[r];
+    }
+  }
+  for (int i = 0; i < kRows; ++i) {
+    for (int r = 0; r < kW; ++r) {
+      T tail = 0;
+      for (int64_t q = p; q < k; ++q) tail += a[i * lda + q] * w[r * ldw + q];
+      const T dot = lane_sum<T, kBytes>(acc[i][r]) + tail;
+      T& out = c[i * ldc + r];
+      out = accumulate ? out + dot : dot;
+    }
+  }
+}
+
+// Columns [j0, j1) of rows [0, kRows) of small_gemm_nt: W's rows 4 at a time (the group
+// split_columns keeps whole), then one at a time.
+template <typename T, int kBytes, int kRows>
+RNNEXT_ALWAYS_INLINE void small_gemm_nt_rows(int64_t j0, int64_t j1, int64_t k, const T* a, int64_t lda, const T* w,
+                                             int64_t ldw, bool accumulate, T* c, int64_t ldc) {
+  int64_t j = j0;
+  for (; j + 4 <= j1; j += 4) {
+    small_gemm_nt_tile<T, kBytes, kRows, 4>(k, a, lda, w + j * ldw, ldw, accumulate, c + j, ldc);
+  }
+  for (; j < j1; ++j) small_gemm_nt_tile<T, kBytes, kRows, 1>(k, a, lda, w + j * ldw, ldw, accumulate, c + j, ldc);
+}
+
+// Columns [j0, j1) of small_gemm_nt: up to 4 rows of A per pass over W's rows with AVX-512's
+// 32 registers (16 sums), 2 with 16 registers (8 sums).
+template <typename T, int kBytes>
+RNNEXT_ALWAYS_INLINE void small_gemm_nt_cols(int64_t m, int64_t j0, int64_t j1, int64_t k, const T* a, int64_t lda,
+                                             const T* w, int64_t ldw, bool accumulate, T* c, int64_t ldc) {
+  constexpr int64_t kMaxRows = kBytes == 64 ? 4 : 2;
+  for (int64_t i = 0; i < m; i += kMaxRows) {
+    const T* ai = a + i * lda;
+    T* ci = c + i * ldc;
+    switch (std::min<int64_t>(kMaxRows, m - i)) {
+      case 4: small_gemm_nt_rows<T, kBytes, 4>(j0, j1, k, ai, lda, w, ldw, accumulate, ci, ldc); break;
+      case 3: small_gemm_nt_rows<T, kBytes, 3>(j0, j1, k, ai, lda, w, ldw, accumulate, ci, ldc); break;
+      case 2: small_gemm_nt_rows<T, kBytes, 2>(j0, j1, k, ai, lda, w, ldw, accumulate, ci, ldc); break;
+      default: small_gemm_nt_rows<T, kBytes, 1>(j0, j1, k, ai, lda, w, ldw, accumulate, ci, ldc); break;
+    }
+  }
+}
+
+// Both kernels' columns [j0, j1) compiled once per instruction set: kNt selects small_gemm_nt
+// (B is W [n, k]) over small_gemm_nn (B is [k, n]).
+template <typename T, int kBytes, bool kNt>
+RNNEXT_ALWAYS_INLINE void few_rows_cols(int64_t m, int64_t j0, int64_t j1, int64_t k, const T* a, int64_t lda,
+                                        const T* b, int64_t ldb, bool accumulate, T* c, int64_t ldc) {
+  if constexpr (kNt) {
+    small_gemm_nt_cols<T, kBytes>(m, j0, j1, k, a, lda, b, ldb, accumulate, c, ldc);
+  } else {
+    small_gemm_nn_cols<T, kBytes>(m, j0, j1, k, a, lda, b, ldb, accumulate, c, ldc);
+  }
+}
+
+#if RNNEXT_HAVE_PACKED_GEMM
+template <typename T, bool kNt>
+RNNEXT_AVX512 void few_rows_cols_avx512(int64_t m, int64_t j0, int64_t j1, int64_t k, const T* a, int64_t lda,
+                                        const T* b, int64_t ldb, bool accumulate, T* c, int64_t ldc) {
+  few_rows_cols<T, 64, kNt>(m, j0, j1, k, a, lda, b, ldb, accumulate, c, ldc);
+}
+template <typename T, bool kNt>
+RNNEXT_AVX2 void few_rows_cols_avx2(int64_t m, int64_t j0, int64_t j1, int64_t k, const T* a, int64_t lda,
+                                    const T* b, int64_t ldb, bool accumulate, T* c, int64_t ldc) {
+  few_rows_cols<T, 32, kNt>(m, j0, j1, k, a, lda, b, ldb, accumulate, c, ldc);
+}
+#endif
+template <typename T, bool kNt>
+void few_rows_cols_sse(int64_t m, int64_t j0, int64_t j1, int64_t k, const T* a, int64_t lda, const T* b,
+                       int64_t ldb, bool accumulate, T* c, int64_t ldc) {
+  few_rows_cols<T, 16, kNt>(m, j0, j1, k, a, lda, b, ldb, accumulate, c, ldc);
 }
 
 // A few-row product of m x n x k multiply-adds, as run_cols(j0, j1) over column ranges:
@@ -262,177 +393,65 @@ void split_columns(int64_t m, int64_t n, int64_t k, int64_t group, const F& run_
                    [&](int64_t g0, int64_t g1) { run_cols(group * g0, std::min(n, group * g1)); });
 }
 
+// One of the few-row products at vector width `bytes` (0: simd_bytes(); the tests name one).
+template <typename T, bool kNt>
+void few_rows_product(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b, int64_t ldb,
+                      bool accumulate, T* c, int64_t ldc, int bytes) {
+  if (bytes == 0) bytes = simd_bytes();
+  TORCH_CHECK(bytes == 16 || (bytes <= simd_bytes() && (bytes == 32 || bytes == 64)), "rnnext: ", bytes,
+              "-byte vectors are not available on this CPU");
+  auto cols = &few_rows_cols_sse<T, kNt>;
+#if RNNEXT_HAVE_PACKED_GEMM
+  if (bytes == 64) cols = &few_rows_cols_avx512<T, kNt>;
+  if (bytes == 32) cols = &few_rows_cols_avx2<T, kNt>;
+#endif
+  // Whole groups of 4 of W's rows (small_gemm_nt), or of a tile's 4 widest vectors.
+  const int64_t group = kNt ? 4 : 256 / static_cast<int64_t>(sizeof(T));
+  split_columns(m, n, k, group, [&](int64_t j0, int64_t j1) { cols(m, j0, j1, k, a, lda, b, ldb, accumulate, c, ldc); });
+}
+
+// Row-major C[m, n] = A[m, k] @ B[k, n] (+ C), B's rows contiguous, for a few rows.
 template <typename T>
 void small_gemm_nn(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b, int64_t ldb,
-                   bool accumulate, T* c, int64_t ldc) {
-  split_columns(m, n, k, 256 / sizeof(T), [&](int64_t j0, int64_t j1) {
-    small_gemm_nn_cols<T>(m, j0, j1, k, a, lda, b, ldb, accumulate, c, ldc);
-  });
-}
-
-// Row-major C[m, n] = A[m, k] @ W^T (+ C when accumulate) for a few rows, with W [n, k] read
-// in its own layout (rows contiguous, leading dimension ldw): each element is the dot product
-// of a row of A with a row of W. A weight used once or twice (a *Cell call, one decoder step)
-// is then neither transposed nor packed, and the product does not go to the BLAS, whose
-// generic sgemv/dgemv (what MKL runs on AMD CPUs) took 20 us of a 55 us GRU step at B=1,
-// H=256. Each dot product is summed in kLanes partial sums (one 64-byte vector) reduced in a
-// fixed tree, plus the k % kLanes tail in order: deterministic, whatever the thread split.
-// The sum of a vector's lanes in a fixed tree: halves added lane by lane until one is left
-// (lane_sum), and the same for four vectors at once (lane_sums4).
-#if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)
-typedef float Float8 __attribute__((vector_size(32)));
-typedef float Float4 __attribute__((vector_size(16)));
-typedef float Float2 __attribute__((vector_size(8)));
-typedef double Double4 __attribute__((vector_size(32)));
-typedef double Double2 __attribute__((vector_size(16)));
-
-RNNEXT_ALWAYS_INLINE float lane_sum(const Vec64<float>& v) {
-  const Float8 s8 = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
-                    __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-  const Float4 s4 = __builtin_shufflevector(s8, s8, 0, 1, 2, 3) + __builtin_shufflevector(s8, s8, 4, 5, 6, 7);
-  const Float2 s2 = __builtin_shufflevector(s4, s4, 0, 1) + __builtin_shufflevector(s4, s4, 2, 3);
-  return s2[0] + s2[1];
-}
-
-RNNEXT_ALWAYS_INLINE double lane_sum(const Vec64<double>& v) {
-  const Double4 s4 = __builtin_shufflevector(v, v, 0, 1, 2, 3) + __builtin_shufflevector(v, v, 4, 5, 6, 7);
-  const Double2 s2 = __builtin_shufflevector(s4, s4, 0, 1) + __builtin_shufflevector(s4, s4, 2, 3);
-  return s2[0] + s2[1];
-}
-
-// A tile of kRows rows of A by kW rows of W: kRows x kW dot products, each summed in one
-// vector of partial sums (each row of A and of W is loaded once per vector step and used
-// kW or kRows times), then lane_sum plus the k % kLanes tail in order.
-// lane_sum of four vectors at once, in the same tree (so with the same bits), sharing the
-// shuffles: out[r] = lane_sum(v[r]).
-RNNEXT_ALWAYS_INLINE void lane_sums4(const Vec64<float>* v, float* out) {
-  Float8 x[4];
-  for (int r = 0; r < 4; ++r) {
-    x[r] = __builtin_shufflevector(v[r], v[r], 0, 1, 2, 3, 4, 5, 6, 7) +
-           __builtin_shufflevector(v[r], v[r], 8, 9, 10, 11, 12, 13, 14, 15);
-  }
-  const Float8 y01 = __builtin_shufflevector(x[0], x[1], 0, 1, 2, 3, 8, 9, 10, 11) +
-                     __builtin_shufflevector(x[0], x[1], 4, 5, 6, 7, 12, 13, 14, 15);
-  const Float8 y23 = __builtin_shufflevector(x[2], x[3], 0, 1, 2, 3, 8, 9, 10, 11) +
-                     __builtin_shufflevector(x[2], x[3], 4, 5, 6, 7, 12, 13, 14, 15);
-  const Float8 z = __builtin_shufflevector(y01, y23, 0, 1, 4, 5, 8, 9, 12, 13) +
-                   __builtin_shufflevector(y01, y23, 2, 3, 6, 7, 10, 11, 14, 15);
-  const Float4 sums = __builtin_shufflevector(z, z, 0, 2, 4, 6) + __builtin_shufflevector(z, z, 1, 3, 5, 7);
-  std::memcpy(out, &sums, sizeof(sums));
-}
-
-RNNEXT_ALWAYS_INLINE void lane_sums4(const Vec64<double>* v, double* out) {
-  Double4 x[4];
-  for (int r = 0; r < 4; ++r) {
-    x[r] = __builtin_shufflevector(v[r], v[r], 0, 1, 2, 3) + __builtin_shufflevector(v[r], v[r], 4, 5, 6, 7);
-  }
-  const Double4 y01 = __builtin_shufflevector(x[0], x[1], 0, 1, 4, 5) + __builtin_shufflevector(x[0], x[1], 2, 3, 6, 7);
-  const Double4 y23 = __builtin_shufflevector(x[2], x[3], 0, 1, 4, 5) + __builtin_shufflevector(x[2], x[3], 2, 3, 6, 7);
-  const Double4 sums = __builtin_shufflevector(y01, y23, 0, 2, 4, 6) + __builtin_shufflevector(y01, y23, 1, 3, 5, 7);
-  std::memcpy(out, &sums, sizeof(sums));
-}
-
-#else
-// Compilers without __builtin_shufflevector: the same trees on arrays.
-template <typename T>
-inline T lane_sum_tree(const Vec64<T>& v) {
-  constexpr int kLanes = 64 / sizeof(T);
-  T lanes[kLanes];
-  std::memcpy(lanes, &v, sizeof(lanes));
-  for (int width = kLanes / 2; width >= 1; width /= 2) {
-    for (int l = 0; l < width; ++l) lanes[l] += lanes[l + width];
-  }
-  return lanes[0];
-}
-inline float lane_sum(const Vec64<float>& v) { return lane_sum_tree<float>(v); }
-inline double lane_sum(const Vec64<double>& v) { return lane_sum_tree<double>(v); }
-inline void lane_sums4(const Vec64<float>* v, float* out) {
-  for (int r = 0; r < 4; ++r) out[r] = lane_sum(v[r]);
-}
-inline void lane_sums4(const Vec64<double>* v, double* out) {
-  for (int r = 0; r < 4; ++r) out[r] = lane_sum(v[r]);
-}
-#endif
-
-template <typename T, int kRows, int kW>
-RNNEXT_ALWAYS_INLINE void small_gemm_nt_tile(int64_t k, const T* __restrict__ a, int64_t lda,
-                                             const T* __restrict__ w, int64_t ldw, bool accumulate,
-                                             T* __restrict__ c, int64_t ldc) {
-  constexpr int kLanes = 64 / sizeof(T);
-  Vec64<T> acc[kRows][kW] = {};
-  int64_t p = 0;
-  for (; p + kLanes <= k; p += kLanes) {
-    Vec64<T> wv[kW];
-    for (int r = 0; r < kW; ++r) wv[r] = load_vec64(w + r * ldw + p);
-    for (int i = 0; i < kRows; ++i) {
-      const Vec64<T> av = load_vec64(a + i * lda + p);
-      for (int r = 0; r < kW; ++r) acc[i][r] += av * wv[r];
-    }
-  }
-  for (int i = 0; i < kRows; ++i) {
-    T sums[kW];
-    if constexpr (kW == 4) {
-      lane_sums4(acc[i], sums);
-    } else {
-      for (int r = 0; r < kW; ++r) sums[r] = lane_sum(acc[i][r]);
-    }
-    for (int r = 0; r < kW; ++r) {
-      T tail = 0;
-      for (int64_t q = p; q < k; ++q) tail += a[i * lda + q] * w[r * ldw + q];
-      const T dot = sums[r] + tail;
-      T& out = c[i * ldc + r];
-      out = accumulate ? out + dot : dot;
-    }
-  }
-}
-
-// Columns [j0, j1) of rows [0, kRows) of small_gemm_nt: W's rows 4 at a time (the group
-// split_columns keeps whole), then one at a time.
-template <typename T, int kRows>
-RNNEXT_ALWAYS_INLINE void small_gemm_nt_rows(int64_t j0, int64_t j1, int64_t k, const T* a, int64_t lda, const T* w,
-                                             int64_t ldw, bool accumulate, T* c, int64_t ldc) {
-  int64_t j = j0;
-  for (; j + 4 <= j1; j += 4) small_gemm_nt_tile<T, kRows, 4>(k, a, lda, w + j * ldw, ldw, accumulate, c + j, ldc);
-  for (; j < j1; ++j) small_gemm_nt_tile<T, kRows, 1>(k, a, lda, w + j * ldw, ldw, accumulate, c + j, ldc);
-}
-
-// Columns [j0, j1) of small_gemm_nt (below): up to 4 rows of A per pass over W's rows.
-template <typename T>
-RNNEXT_SIMD_CLONES void small_gemm_nt_cols(int64_t m, int64_t j0, int64_t j1, int64_t k, const T* a, int64_t lda,
-                                           const T* w, int64_t ldw, bool accumulate, T* c, int64_t ldc) {
-  for (int64_t i = 0; i < m; i += 4) {
-    const T* ai = a + i * lda;
-    T* ci = c + i * ldc;
-    switch (std::min<int64_t>(4, m - i)) {
-      case 4: small_gemm_nt_rows<T, 4>(j0, j1, k, ai, lda, w, ldw, accumulate, ci, ldc); break;
-      case 3: small_gemm_nt_rows<T, 3>(j0, j1, k, ai, lda, w, ldw, accumulate, ci, ldc); break;
-      case 2: small_gemm_nt_rows<T, 2>(j0, j1, k, ai, lda, w, ldw, accumulate, ci, ldc); break;
-      default: small_gemm_nt_rows<T, 1>(j0, j1, k, ai, lda, w, ldw, accumulate, ci, ldc); break;
-    }
-  }
+                   bool accumulate, T* c, int64_t ldc, int bytes = 0) {
+  few_rows_product<T, false>(m, n, k, a, lda, b, ldb, accumulate, c, ldc, bytes);
 }
 
 // Row-major C[m, n] = A[m, k] @ W^T (+ C), W [n, k] with rows contiguous, for a few rows.
 template <typename T>
 void small_gemm_nt(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* w, int64_t ldw,
-                   bool accumulate, T* c, int64_t ldc) {
-  split_columns(m, n, k, 4, [&](int64_t j0, int64_t j1) {
-    small_gemm_nt_cols<T>(m, j0, j1, k, a, lda, w, ldw, accumulate, c, ldc);
-  });
+                   bool accumulate, T* c, int64_t ldc, int bytes = 0) {
+  few_rows_product<T, true>(m, n, k, a, lda, w, ldw, accumulate, c, ldc, bytes);
 }
 
-// Up to how many rows a weight used once or twice (not packed) is multiplied by our
-// few-row kernels rather than the BLAS. Measured on Zen 4 (AVX-512, 2 threads, MKL through
-// torch 2.13), products of [rows, k] by [k, n] for (n, k) from (256, 256) to (1536, 512):
-// W's storage as [k, n] (small_gemm_nn: the backward's dh_prev = d_gh @ W_hh and grad_x =
-// d_gi @ W_ih) was 1.1-2x faster than MKL up to 32 rows in float32 and up to 16 in float64
-// (0.9x at 32); W as [n, k] (small_gemm_nt, the forward's x @ W^T, whose dot products each
-// end in a lane sum) 1.2-1.8x up to 8 rows, 0.85-1.4x at 16 (a gain from k = 512 on) and
-// 0.8-1.3x at 32. (A kernel for the weight gradients' d^T @ x measured slower than MKL.)
+// Up to how many rows a weight used once or twice (not packed) is multiplied by our few-row
+// kernels rather than the BLAS, per vector width. Measured on Zen 4 (2 threads, MKL through
+// torch 2.13), products of [rows, k] by [k, n] for (n, k) from (256, 256) to (1536, 512), each
+// width's build run there (MKL's own kernels the same in all):
+//  * W's storage as [k, n] (small_gemm_nn: the backward's dh_prev = d_gh @ W_hh and grad_x =
+//    d_gi @ W_ih): 64 bytes 1.1-2x faster than MKL up to 32 rows in float32 and up to 16 in
+//    float64 (0.9x at 32); 32 bytes 1.2-1.4x at 16 rows in float32, 1.4-1.6x at 4 rows in
+//    float64 but 0.8-1.0x at 16; 16 bytes 1.2-1.6x at 1 row, 0.7-1.2x at 4.
+//  * W as [n, k] (small_gemm_nt, the forward's x @ W^T, whose dot products each end in a
+//    lane sum): 64 bytes 1.2-2x up to 8 rows, 0.85-1.4x at 16 (a gain from k = 512 on) and
+//    0.8-1.3x at 32; 32 bytes 1.2-2x at 4 rows, 0.9-1.0x at 16; 16 bytes 1.3-1.7x at 1 row.
+// (A kernel for the weight gradients' d^T @ x measured slower than MKL.)
 template <typename T>
-constexpr int64_t kUnpackedNnRows = sizeof(T) == 4 ? 32 : 16;
+inline int64_t unpacked_nn_rows() {
+  switch (simd_bytes()) {
+    case 64: return sizeof(T) == 4 ? 32 : 16;
+    case 32: return sizeof(T) == 4 ? 16 : 4;
+    default: return 1;
+  }
+}
 
-inline bool unpacked_nt_route(int64_t rows, int64_t k) { return rows <= 8 || (rows <= 16 && k >= 512); }
+inline bool unpacked_nt_route(int64_t rows, int64_t k) {
+  switch (simd_bytes()) {
+    case 64: return rows <= 8 || (rows <= 16 && k >= 512);
+    case 32: return rows <= 4;
+    default: return rows <= 1;
+  }
+}
 
 // MKL's packed-GEMM interface (cblas_sgemm_pack / cblas_sgemm_compute), which torch's x86
 // builds export: the weight is reordered into MKL's panel layout once, instead of being
@@ -525,8 +544,8 @@ class StepWeight {
                                   static_cast<int>(lda), w, static_cast<int>(k_), accumulate ? 1.f : 0.f, c,
                                   static_cast<int>(ldc));
       }
-    } else if (stored_transposed_ ? rows <= kUnpackedNnRows<T> : unpacked_nt_route(rows, k_)) {
-      // A weight used once or twice, as it is: see kUnpackedNnRows for the measured limits.
+    } else if (stored_transposed_ ? rows <= unpacked_nn_rows<T>() : unpacked_nt_route(rows, k_)) {
+      // A weight used once or twice, as it is: see unpacked_nn_rows for the measured limits.
       if (stored_transposed_) {
         small_gemm_nn<T>(rows, n_, k_, a, lda, w, n_, accumulate, c, ldc);
       } else {

@@ -491,9 +491,9 @@ std::vector<Tensor> layer_backward(const Tensor& grad_y_in, const Tensor& grad_h
   Tensor grad_x = x.new_empty({0});
   if (need_grad_x) {
     // grad_x = d_gi @ W_ih: [N, G*H] x [G*H, I]; with a few rows in all (a *Cell call, one
-    // step of a layer) by our few-row kernel on W_ih's rows as they are (kUnpackedNnRows).
+    // step of a layer) by our few-row kernel on W_ih's rows as they are (unpacked_nn_rows).
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rnnext_grad_x", [&] {
-      if (st.N <= kUnpackedNnRows<scalar_t>) {
+      if (st.N <= unpacked_nn_rows<scalar_t>()) {
         grad_x = x.new_empty({st.N, sz.I});
         small_gemm_nn<scalar_t>(st.N, sz.I, GH, d_gi.data_ptr<scalar_t>(), GH, w_ih.data_ptr<scalar_t>(), sz.I,
                                 false, grad_x.data_ptr<scalar_t>(), sz.I);

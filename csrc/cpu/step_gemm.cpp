@@ -28,20 +28,30 @@ at::Tensor step_gemm(const at::Tensor& a, const at::Tensor& w, const at::Tensor&
   out.copy_(c);
   const int64_t lda = std::max<int64_t>(a.stride(0), 1);
   // The few-row kernels of an unpacked weight (float32 and float64): W as it is ([n, k] rows
-  // contiguous: small_gemm_nt), or W^T's storage ([k, n] rows contiguous: small_gemm_nn).
-  if (route == "small_nt" || route == "small_nn") {
+  // contiguous: small_gemm_nt), or W^T's storage ([k, n] rows contiguous: small_gemm_nn); at
+  // the widest vectors this CPU has, or at those a suffix names ("small_nt@32": AVX2's).
+  const std::string name(route);
+  const std::string few_rows = name.substr(0, name.find('@'));
+  if (few_rows == "small_nt" || few_rows == "small_nn") {
+    int bytes = 0;
+    if (few_rows.size() < name.size()) {
+      const std::string width = name.substr(few_rows.size() + 1);
+      TORCH_CHECK_VALUE(width == "16" || width == "32" || width == "64", "rnnext::_step_gemm: route='", name,
+                        "': the vector width must be 16, 32 or 64 bytes");
+      bytes = std::stoi(width);
+    }
     TORCH_CHECK(a.scalar_type() == w.scalar_type() && c.scalar_type() == w.scalar_type() &&
                     (w.scalar_type() == at::kFloat || w.scalar_type() == at::kDouble),
                 "rnnext::_step_gemm: float32 or float64, all three alike");
     AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "rnnext_step_gemm", [&] {
-      if (route == "small_nt") {
+      if (few_rows == "small_nt") {
         const at::Tensor wc = w.contiguous();
         small_gemm_nt<scalar_t>(m, n, k, a.data_ptr<scalar_t>(), lda, wc.data_ptr<scalar_t>(), k, accumulate,
-                                out.data_ptr<scalar_t>(), ldc);
+                                out.data_ptr<scalar_t>(), ldc, bytes);
       } else {
         const at::Tensor wt = w.t().contiguous();
         small_gemm_nn<scalar_t>(m, n, k, a.data_ptr<scalar_t>(), lda, wt.data_ptr<scalar_t>(), n, accumulate,
-                                out.data_ptr<scalar_t>(), ldc);
+                                out.data_ptr<scalar_t>(), ldc, bytes);
       }
     });
     return out;
