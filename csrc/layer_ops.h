@@ -48,15 +48,16 @@ inline std::vector<Tensor> weight_grads(const Tensor& d_gi, const Tensor& d_gh, 
 }
 
 // A backward op's outputs from what a backend's step loop computed: [grad_x, grad_h0,
-// grad_c0, then weight_grads(...)], with an empty [0] (a distinct tensor each: outputs must
-// not alias) for each gradient not asked for.
-inline std::vector<Tensor> backward_outputs(const Tensor& grad_x, const Tensor& dh_state, const Tensor& dc_state,
-                                            bool need_grad_h0, bool need_grad_weights, const Tensor& d_gi,
-                                            const Tensor& d_gh, const Tensor& x, const Tensor& h_prev,
-                                            bool has_bias, const OptTensor& dh, const OptTensor& r) {
+// grad_c0, then the five of weight_grads()], with an empty [0] (a distinct tensor each:
+// outputs must not alias) for each gradient not asked for. weight_grads is called only when
+// they are (a backend may compute them its own way: the CPU does for a few rows).
+template <class WeightGrads>
+std::vector<Tensor> backward_outputs(const Tensor& grad_x, const Tensor& dh_state, const Tensor& dc_state,
+                                     bool need_grad_h0, bool need_grad_weights, const Tensor& x,
+                                     const WeightGrads& weight_grads) {
   std::vector<Tensor> out{grad_x, need_grad_h0 ? dh_state : x.new_empty({0}), dc_state};
   if (need_grad_weights) {
-    for (Tensor& g : weight_grads(d_gi, d_gh, x, h_prev, has_bias, dh, r)) out.push_back(std::move(g));
+    for (Tensor& g : weight_grads()) out.push_back(std::move(g));
   } else {
     for (int i = 0; i < 5; ++i) out.push_back(x.new_empty({0}));
   }

@@ -82,9 +82,10 @@ def test_step_gemm_chunk_sized_products(route):
 
 # The few-row kernels of a weight used once or twice (gemm.h), in float32 and float64: rows
 # reaching every row group (4 at a time, then 3, 2, 1) up to the BLAS hand-over (32 rows), W's
-# rows in groups of 4 and alone (small_gemm_nt) or columns in whole and partial vectors and
-# single elements (small_gemm_nn), depths with and without a lane tail (k % 16, k % 8).
-SMALL_ROUTES = ("small_nt", "small_nn")
+# rows in groups of 4 and alone (small_gemm_nt, and small_gemm_tn, the weight gradients'
+# d^T @ x over k rows) or columns in whole and partial vectors and single elements
+# (small_gemm_nn and small_gemm_tn), depths with and without a lane tail (k % 16, k % 8).
+SMALL_ROUTES = ("small_nt", "small_nn", "small_tn")
 SMALL_ROWS = (1, 2, 3, 4, 5, 7, 8, 9, 16, 17, 32)
 SMALL_COLS = (1, 3, 4, 5, 8, 17, 33, 64, 100)
 SMALL_DEPTHS = (1, 7, 8, 16, 17, 64, 100)
@@ -124,9 +125,11 @@ def test_small_kernels_match_float64(route, dtype, width):
 @pytest.mark.parametrize("width", SMALL_WIDTHS)
 @pytest.mark.parametrize("route", SMALL_ROUTES)
 def test_small_kernels_same_bits_run_to_run_and_across_threads(route, width):
-    """Large enough ([4, 700] x [700, 1000]) that the columns are split across threads."""
+    """Large enough to be split across threads: [4, 700] x [700, 1000] by columns, or a
+    [1000, 700] weight gradient over 8 rows (small_tn) by rows."""
     require_gemm_route(SMALL_WIDTHS[width])
-    a, w, c = small_operands(4, 1000, 700, torch.float32, seed=5)
+    m, n, k = (1000, 700, 8) if route == "small_tn" else (4, 1000, 700)
+    a, w, c = small_operands(m, n, k, torch.float32, seed=5)
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
@@ -161,8 +164,9 @@ def test_small_kernel_widths_are_checked():
 
 
 # One step of a layer (a weight used once, multiplied as it is): batches on each side of the
-# few-row kernels' limits (8 and 16 rows forward, 16 and 32 backward), k = 512 reaching the
-# forward's 16-row limit; outputs, states and every gradient against torch.nn.
+# few-row kernels' limits with AVX-512 (8 and 16 rows forward, 16 and 32 backward, 8 for the
+# weight gradients; fewer with narrower vectors), k = 512 reaching the forward's 16-row limit;
+# outputs, states and every gradient against torch.nn.
 @pytest.mark.parametrize("cell", CELLS)
 @pytest.mark.parametrize("dtype", (torch.float32, torch.float64), ids=("float32", "float64"))
 def test_one_step_layers_on_the_unpacked_kernels(cell, dtype):

@@ -389,15 +389,41 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(const Tensor& x_in, con
   return {y, h_state, c_state, ws};
 }
 
-// Backpropagation through time. Returns, in order: grad of x, h0, c0 (undefined without c),
-// w_ih, w_hh, b_ih, b_hh (empty [0] without bias), w_hr (empty [0] without projection).
-// need_grad_x=false returns grad_x empty [0] and skips its GEMM; need_grad_weights=false
-// likewise every weight and bias gradient (then h_prev is gathered only where the cell reads it).
-//
-// Steps run in the reverse of the forward's order. Per step: dh = dh_state + grad_y[t]
-// (the gradient reaching h_t from above and from the next step), with a projection
-// dr = dh @ W_hr; the cell's pointwise backward gives the gate gradients; then
-// dh_prev = d_gh @ W_hh. The weight gradients are one GEMM each over all steps afterwards.
+// weight_grads (../layer_ops.h) for a backward of a few rows in all (a *Cell call, one step
+// of a layer; unpacked_tn_rows): each d^T @ input by small_gemm_tn, the bias gradients as
+// column sums in row order, straight into their tensors. Through ATen, each at::mm and
+// at::sum cost ~2 us here, more than the arithmetic of a [256, 64] gradient. x is [N, I]
+// contiguous; d_gi, d_gh, h_prev and dh have contiguous rows, r the workspace's (ws_cols).
+template <typename T>
+std::vector<Tensor> few_rows_weight_grads(const Tensor& d_gi, const Tensor& d_gh, const T* x, int64_t I,
+                                          const Tensor& h_prev, bool has_bias, const OptTensor& dh,
+                                          const OptTensor& r) {
+  const int64_t N = d_gi.size(0);
+  const at::TensorOptions options = d_gi.options();
+  // d^T @ in: [cols of d, in_cols], summed over the N rows
+  auto d_t_times = [&](const Tensor& d, const T* in, int64_t in_cols, int64_t in_ld) {
+    Tensor g = at::empty({d.size(1), in_cols}, options);
+    small_gemm_tn<T>(d.size(1), in_cols, N, d.data_ptr<T>(), d.stride(0), in, in_ld, false, g.data_ptr<T>(),
+                     in_cols);
+    return g;
+  };
+  auto column_sums = [&](const Tensor& d) {
+    Tensor sums = at::empty({d.size(1)}, options);
+    T* out = sums.data_ptr<T>();
+    const T* rows = d.data_ptr<T>();
+    std::fill(out, out + d.size(1), T(0));
+    for (int64_t i = 0; i < N; ++i) {
+      for (int64_t j = 0; j < d.size(1); ++j) out[j] += rows[i * d.stride(0) + j];
+    }
+    return sums;
+  };
+  Tensor b_ih = has_bias ? column_sums(d_gi) : at::empty({0}, options);
+  Tensor b_hh = !has_bias ? at::empty({0}, options) : d_gh.is_same(d_gi) ? b_ih.clone() : column_sums(d_gh);
+  return {d_t_times(d_gi, x, I, I), d_t_times(d_gh, h_prev.data_ptr<T>(), h_prev.size(1), h_prev.stride(0)),
+          std::move(b_ih), std::move(b_hh),
+          dh.has_value() ? d_t_times(*dh, r->data_ptr<T>(), r->size(1), r->stride(0)) : at::empty({0}, options)};
+}
+
 template <class Cell>
 std::vector<Tensor> layer_backward(const Tensor& grad_y_in, const Tensor& grad_h_n, const OptTensor& grad_c_n,
                                    const Tensor& x_in, const Tensor& w_ih, const Tensor& w_hh,
@@ -412,27 +438,31 @@ std::vector<Tensor> layer_backward(const Tensor& grad_y_in, const Tensor& grad_h
   const int64_t ws_cols = sz.ws_cols;
   const int64_t r_col = workspace::proj_col(Cell::kBlocks, H);
 
-  const Tensor x = x_in.contiguous().view({st.N, sz.I});
-  const Tensor grad_y = grad_y_in.contiguous().view({st.N, Hout});
-  const Tensor y = y_in.contiguous().view({st.N, Hout});
+  // x [N, I], grad_y and y [N, Hout] as their data (a view each would cost ~0.3 us of a
+  // ~10 us one-step backward).
+  const Tensor x = x_in.contiguous();
+  const Tensor grad_y = grad_y_in.contiguous();
+  const Tensor y = y_in.contiguous();
   const Tensor ws = ws_in.contiguous();
   const Tensor w_hh_c = w_hh.contiguous();
+  const at::TensorOptions options = x.options();
 
-  Tensor dh_state = grad_h_n.contiguous().clone();
-  Tensor dc_state = Cell::kHasCellState ? grad_c_n->contiguous().clone() : Tensor();
-  Tensor d_gi = x.new_empty({st.N, GH});
-  Tensor d_gh = Cell::kSeparateHiddenGrad ? x.new_empty({st.N, GH}) : d_gi;
+  Tensor dh_state = grad_h_n.clone(at::MemoryFormat::Contiguous);
+  Tensor dc_state = Cell::kHasCellState ? grad_c_n->clone(at::MemoryFormat::Contiguous) : Tensor();
+  Tensor d_gi = at::empty({st.N, GH}, options);
+  Tensor d_gh = Cell::kSeparateHiddenGrad ? at::empty({st.N, GH}, options) : d_gi;
   // Gradient of each step's h (output + state); with a projection it is kept for dW_hr.
-  Tensor dh_all = sz.proj ? x.new_empty({st.N, Hout}) : Tensor();
-  Tensor dh_buf = x.new_empty({B, sz.proj ? H : Hout});
-  // h_prev of every row, for the GRU's pointwise backward and for dW_hh.
-  const bool need_h_prev = need_grad_weights || Cell::kReadsHPrevInBackward;
-  Tensor h_prev_all = x.new_empty({need_h_prev ? st.N : 0, Hout});
+  Tensor dh_all = sz.proj ? at::empty({st.N, Hout}, options) : Tensor();
+  Tensor dh_buf = at::empty({B, sz.proj ? H : Hout}, options);
   const Tensor h0_c = h0.contiguous();
   const Tensor c0_c = Cell::kHasCellState ? c0->contiguous() : Tensor();
+  // h_prev of every row, for the GRU's pointwise backward and for dW_hh: with one step, h0.
+  const bool need_h_prev = need_grad_weights || Cell::kReadsHPrevInBackward;
+  const bool gather = need_h_prev && st.T > 1;
+  const Tensor h_prev_all = gather ? at::empty({st.N, Hout}, options) : h0_c;
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rnnext_layer_backward", [&] {
-    if (need_h_prev) {
+    if (gather) {
       gather_h_prev<scalar_t>(st, reverse, y.data_ptr<scalar_t>(), h0_c.data_ptr<scalar_t>(), Hout,
                               h_prev_all.data_ptr<scalar_t>());
     }
@@ -488,25 +518,34 @@ std::vector<Tensor> layer_backward(const Tensor& grad_y_in, const Tensor& grad_h
   });
 
   // grad_x and the weight gradients: one GEMM each over all steps, no per-step accumulation.
-  Tensor grad_x = x.new_empty({0});
+  Tensor grad_x;
   if (need_grad_x) {
     // grad_x = d_gi @ W_ih: [N, G*H] x [G*H, I]; with a few rows in all (a *Cell call, one
     // step of a layer) by our few-row kernel on W_ih's rows as they are (unpacked_nn_rows).
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rnnext_grad_x", [&] {
       if (st.N <= unpacked_nn_rows<scalar_t>()) {
-        grad_x = x.new_empty({st.N, sz.I});
+        grad_x = at::empty(x_in.sizes(), options);
         small_gemm_nn<scalar_t>(st.N, sz.I, GH, d_gi.data_ptr<scalar_t>(), GH, w_ih.data_ptr<scalar_t>(), sz.I,
                                 false, grad_x.data_ptr<scalar_t>(), sz.I);
       } else {
         const OneDnnLinear input_linear(w_ih.t(), st.N, st.N);
-        grad_x = input_linear.available() ? input_linear(d_gi) : at::mm(d_gi, w_ih);
+        grad_x = (input_linear.available() ? input_linear(d_gi) : at::mm(d_gi, w_ih)).view(x_in.sizes());
       }
     });
-    grad_x = grad_x.view(x_in.sizes());
+  } else {
+    grad_x = at::empty({0}, options);
   }
-  return backward_outputs(grad_x, dh_state, dc_state, need_grad_h0, need_grad_weights, d_gi, d_gh, x, h_prev_all,
-                          has_bias, sz.proj ? OptTensor(dh_all) : std::nullopt,
-                          sz.proj ? OptTensor(ws.narrow(1, r_col, H)) : std::nullopt);
+  return backward_outputs(grad_x, dh_state, dc_state, need_grad_h0, need_grad_weights, x, [&] {
+    const OptTensor dh = sz.proj ? OptTensor(dh_all) : std::nullopt;
+    const OptTensor r = sz.proj ? OptTensor(ws.narrow(1, r_col, H)) : std::nullopt;
+    std::vector<Tensor> g;
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rnnext_weight_grads", [&] {
+      g = st.N <= unpacked_tn_rows<scalar_t>()
+              ? few_rows_weight_grads<scalar_t>(d_gi, d_gh, x.data_ptr<scalar_t>(), sz.I, h_prev_all, has_bias, dh, r)
+              : weight_grads(d_gi, d_gh, x.view({st.N, sz.I}), h_prev_all, has_bias, dh, r);
+    });
+    return g;
+  });
 }
 
 // float16 and bfloat16 run the float32 loops: the op's arguments are widened to float32 at

@@ -1,7 +1,8 @@
 // rnnext::_step_gemm on the CPU: one product of the per-step float32 GEMM (packed_gemm.h) on
 // a route the caller names, so tests can reach every kernel this CPU has, and each kernel's
 // remainder paths (row blocks, partial strips, K blocks), without a layer around it; also
-// the few-row kernels of an unpacked weight (gemm.h: "small_nt", "small_nn").
+// the few-row kernels of an unpacked weight (gemm.h: "small_nt", "small_nn") and of the
+// weight gradients ("small_tn").
 #include <torch/library.h>
 
 #include <limits>
@@ -28,11 +29,12 @@ at::Tensor step_gemm(const at::Tensor& a, const at::Tensor& w, const at::Tensor&
   out.copy_(c);
   const int64_t lda = std::max<int64_t>(a.stride(0), 1);
   // The few-row kernels of an unpacked weight (float32 and float64): W as it is ([n, k] rows
-  // contiguous: small_gemm_nt), or W^T's storage ([k, n] rows contiguous: small_gemm_nn); at
-  // the widest vectors this CPU has, or at those a suffix names ("small_nt@32": AVX2's).
+  // contiguous: small_gemm_nt), or W^T's storage ([k, n] rows contiguous: small_gemm_nn);
+  // or the weight gradient's kernel over k rows (small_gemm_tn); at the widest vectors this
+  // CPU has, or at those a suffix names ("small_nt@32": AVX2's).
   const std::string name(route);
   const std::string few_rows = name.substr(0, name.find('@'));
-  if (few_rows == "small_nt" || few_rows == "small_nn") {
+  if (few_rows == "small_nt" || few_rows == "small_nn" || few_rows == "small_tn") {
     int bytes = 0;
     if (few_rows.size() < name.size()) {
       const std::string width = name.substr(few_rows.size() + 1);
@@ -48,9 +50,14 @@ at::Tensor step_gemm(const at::Tensor& a, const at::Tensor& w, const at::Tensor&
         const at::Tensor wc = w.contiguous();
         small_gemm_nt<scalar_t>(m, n, k, a.data_ptr<scalar_t>(), lda, wc.data_ptr<scalar_t>(), k, accumulate,
                                 out.data_ptr<scalar_t>(), ldc, bytes);
-      } else {
+      } else if (few_rows == "small_nn") {
         const at::Tensor wt = w.t().contiguous();
         small_gemm_nn<scalar_t>(m, n, k, a.data_ptr<scalar_t>(), lda, wt.data_ptr<scalar_t>(), n, accumulate,
+                                out.data_ptr<scalar_t>(), ldc, bytes);
+      } else {
+        // as the weight gradient D^T @ X with D = a^T [k, m] and X = w^T [k, n]
+        const at::Tensor d = a.t().contiguous(), x = w.t().contiguous();
+        small_gemm_tn<scalar_t>(m, n, k, d.data_ptr<scalar_t>(), m, x.data_ptr<scalar_t>(), n, accumulate,
                                 out.data_ptr<scalar_t>(), ldc, bytes);
       }
     });

@@ -398,9 +398,10 @@ std::vector<Tensor> layer_backward(const Tensor& grad_y_in, const Tensor& grad_h
 
   // grad_x and the weight gradients: one GEMM each over all steps, no per-step accumulation.
   Tensor grad_x = need_grad_x ? at::mm(d_gi, w_ih).view(x_in.sizes()) : x.new_empty({0});
-  return backward_outputs(grad_x, dh_state, dc_state, need_grad_h0, need_grad_weights, d_gi, d_gh, x, h_prev_all,
-                          has_bias, sz.proj ? OptTensor(dh_all) : std::nullopt,
-                          sz.proj ? OptTensor(ws.narrow(1, r_col, H)) : std::nullopt);
+  return backward_outputs(grad_x, dh_state, dc_state, need_grad_h0, need_grad_weights, x, [&] {
+    return weight_grads(d_gi, d_gh, x, h_prev_all, has_bias, sz.proj ? OptTensor(dh_all) : std::nullopt,
+                        sz.proj ? OptTensor(ws.narrow(1, r_col, H)) : std::nullopt);
+  });
 }
 
 // The CUDA time loop, as ../layer_ops.h takes it.
