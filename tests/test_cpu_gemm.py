@@ -164,9 +164,10 @@ def test_small_kernel_widths_are_checked():
 
 
 # One step of a layer (a weight used once, multiplied as it is): batches on each side of the
-# few-row kernels' limits with AVX-512 (8 and 16 rows forward, 16 and 32 backward, 8 for the
-# weight gradients; fewer with narrower vectors), k = 512 reaching the forward's 16-row limit;
-# outputs, states and every gradient against torch.nn.
+# few-row kernels' limits with AVX-512 (8 and 16 rows forward, 16 and 32 backward, 8 and 32
+# for the weight gradients, float64's 32 only below 2^18 elements; fewer with narrower
+# vectors), k = 512 reaching the forward's 16-row limit; outputs, states and every gradient
+# against torch.nn.
 @pytest.mark.parametrize("cell", CELLS)
 @pytest.mark.parametrize("dtype", (torch.float32, torch.float64), ids=("float32", "float64"))
 def test_one_step_layers_on_the_unpacked_kernels(cell, dtype):

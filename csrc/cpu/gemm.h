@@ -471,18 +471,19 @@ inline int64_t unpacked_nn_rows() {
   }
 }
 
-// Up to how many rows the weight gradients d^T @ x are small_gemm_tn's rather than the
-// BLAS's, per vector width. Measured on Zen 4 (2 threads), d [rows, m] and x [rows, n] for
-// (m, n) from (64, 64) to (2048, 512), against at::mm (what weight_grads calls): 64 bytes
-// 1.3-5x faster up to 8 rows in both dtypes (about even at 16 in float64); 32 bytes 1.1-2x up
-// to 4 rows in float32 and 2 in float64; 16 bytes 0.8-4x up to 2 rows in float32 and 1 in
-// float64.
+// Whether a weight gradient d^T @ x over `rows` rows, [m, n], is small_gemm_tn's rather than
+// the BLAS's, per vector width. Measured on Zen 4 (2 threads), d [rows, m] and x [rows, n]
+// for (m, n) from (64, 64) to (2048, 512), against at::mm (what weight_grads calls):
+// 64 bytes 1.05-5x faster up to 32 rows in float32; in float64 1.3-4x up to 8 rows, and up to
+// 32 for gradients of up to 2^18 elements (0.85-0.95x at 16-32 rows above); 32 bytes up to 8
+// rows in float32 and 4 in float64 (0.93-4x); 16 bytes 0.8-4x up to 2 rows in float32 and 1
+// in float64.
 template <typename T>
-inline int64_t unpacked_tn_rows() {
+inline bool unpacked_tn_route(int64_t rows, int64_t m, int64_t n) {
   switch (simd_bytes()) {
-    case 64: return 8;
-    case 32: return sizeof(T) == 4 ? 4 : 2;
-    default: return sizeof(T) == 4 ? 2 : 1;
+    case 64: return sizeof(T) == 4 ? rows <= 32 : rows <= 8 || (rows <= 32 && m * n <= (int64_t(1) << 18));
+    case 32: return rows <= (sizeof(T) == 4 ? 8 : 4);
+    default: return rows <= (sizeof(T) == 4 ? 2 : 1);
   }
 }
 

@@ -390,7 +390,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(const Tensor& x_in, con
 }
 
 // weight_grads (../layer_ops.h) for a backward of a few rows in all (a *Cell call, one step
-// of a layer; unpacked_tn_rows): each d^T @ input by small_gemm_tn, the bias gradients as
+// of a layer; unpacked_tn_route): each d^T @ input by small_gemm_tn, the bias gradients as
 // column sums in row order, straight into their tensors. Through ATen, each at::mm and
 // at::sum cost ~2 us here, more than the arithmetic of a [256, 64] gradient. x is [N, I]
 // contiguous; d_gi, d_gh, h_prev and dh have contiguous rows, r the workspace's (ws_cols).
@@ -540,7 +540,7 @@ std::vector<Tensor> layer_backward(const Tensor& grad_y_in, const Tensor& grad_h
     const OptTensor r = sz.proj ? OptTensor(ws.narrow(1, r_col, H)) : std::nullopt;
     std::vector<Tensor> g;
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rnnext_weight_grads", [&] {
-      g = st.N <= unpacked_tn_rows<scalar_t>()
+      g = unpacked_tn_route<scalar_t>(st.N, GH, std::max(sz.I, Hout))
               ? few_rows_weight_grads<scalar_t>(d_gi, d_gh, x.data_ptr<scalar_t>(), sz.I, h_prev_all, has_bias, dh, r)
               : weight_grads(d_gi, d_gh, x.view({st.N, sz.I}), h_prev_all, has_bias, dh, r);
     });
