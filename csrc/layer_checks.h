@@ -8,7 +8,8 @@
 // Sequence layout: x is [T, B, I] (padded, every step has B rows) or [N, I] with
 // batch_sizes [T] (packed: step t owns the rows offset[t] .. offset[t] + batch_sizes[t], sorted
 // by decreasing length, exactly torch's PackedSequence.data). A padded sequence is the packed
-// one with batch_sizes = [B] * T, so one loop serves both.
+// one with batch_sizes = [B] * T, so one loop serves both. Without batch_sizes a 2-D x [B, I]
+// is one step (the *Cell modules: y is then [B, Hout], and no view is made on either side).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -68,9 +69,10 @@ inline Steps make_steps(const Tensor& x, const OptTensor& batch_sizes, int64_t B
     TORCH_CHECK(total == x.size(0), "rnnext: batch_sizes sum to ", total, " but the packed input has ", x.size(0), " rows");
     s.N = total;
   } else {
-    TORCH_CHECK(x.dim() == 3, "rnnext: input must be 3-D [T, B, input_size], got ", x.dim(), "-D");
-    TORCH_CHECK(x.size(1) == B, "rnnext: input batch size ", x.size(1), " does not match the initial state's ", B);
-    s.T = x.size(0);
+    // (make_steps runs after the checks that x is 2-D or 3-D)
+    const int64_t batch = x.size(x.dim() - 2);
+    TORCH_CHECK(batch == B, "rnnext: input batch size ", batch, " does not match the initial state's ", B);
+    s.T = x.dim() == 3 ? x.size(0) : 1;
     TORCH_CHECK(s.T > 0, "rnnext: the input sequence is empty (0 time steps)");
     for (int64_t t = 0; t < s.T; ++t) {
       s.offset.push_back(t * B);
@@ -125,8 +127,8 @@ LayerSizes check_weights(const Backend& backend, const Tensor& x, const Tensor& 
   const auto dtype = x.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
               "rnnext: input must be float32, float64, float16 or bfloat16, got ", dtype);
-  TORCH_CHECK(x.dim() == 2 || x.dim() == 3, "rnnext: input x must be 3-D [T, B, I] or packed 2-D [N, I], got ",
-              x.dim(), "-D");
+  TORCH_CHECK(x.dim() == 2 || x.dim() == 3,
+              "rnnext: input x must be 3-D [T, B, I], or 2-D: one step [B, I], or packed [N, I], got ", x.dim(), "-D");
   TORCH_CHECK(w_ih.dim() == 2 && w_hh.dim() == 2, "rnnext: w_ih and w_hh must be 2-D");
   check_same(x, w_ih, "w_ih");
   check_same(x, w_hh, "w_hh");

@@ -2,7 +2,8 @@
 // autograd: csrc/autograd.cpp; fake kernels: rnnext/_ops.py.
 //
 // A layer op runs one layer in one direction over a whole sequence. x is [T, B, I] (padded)
-// or, with batch_sizes [T] (int64, CPU), the [N, I] data of a PackedSequence. `reverse` runs
+// or, with batch_sizes [T] (int64, CPU), the [N, I] data of a PackedSequence; without
+// batch_sizes a 2-D x [B, I] is one step (y [B, Hout]). `reverse` runs
 // the steps from last to first (the backward direction of a bidirectional layer). The last
 // output, `workspace` [N, ws_cols], holds what the backward op needs; it is not differentiable.
 // With need_backward=false (inference) it is returned empty, [0, ws_cols], and never written.

@@ -28,7 +28,10 @@ def _cell_step(cell, gi, gh, h_prev, c_prev):
 
 
 def layer(cell, x, h0, c0, w, batch_sizes, reverse):
-    """x [T, B, I] or packed [N, I] + batch_sizes; returns (y, h_n, c_n)."""
+    """x [T, B, I], one step [B, I], or packed [N, I] + batch_sizes; returns (y, h_n, c_n)."""
+    one_step = batch_sizes is None and x.dim() == 2
+    if one_step:
+        x = x.unsqueeze(0)
     if batch_sizes is None:
         steps, batch = x.shape[0], x.shape[1]
         rows = [batch] * steps
@@ -55,6 +58,6 @@ def layer(cell, x, h0, c0, w, batch_sizes, reverse):
         if c is not None:
             c = torch.cat([c_new, c[n:]])
     y = torch.cat(outputs)
-    if batch_sizes is None:
+    if batch_sizes is None and not one_step:
         y = y.view(len(rows), rows[0], -1)
     return y, h, c

@@ -445,11 +445,12 @@ def backward_op(cell: str):
 def op_args(cell: str, *, bias: bool = True, reverse: bool = False, proj: bool = False,
             requires_grad: bool = True, seed: int = 0, dtype=F64, device="cpu", batch_sizes=None,
             steps: int = 3, batch: int = 2, input_size: int = 3, hidden_size: int = 4,
-            proj_size: int = 2, scale: float = 0.5):
+            proj_size: int = 2, scale: float = 0.5, one_step: bool = False):
     """Forward-op arguments in schema order (without need_backward), drawn on the CPU in
     float64 (values scale * N(0, 1), so no activation saturates at 0.5), then cast to dtype
-    and moved to device. x is [steps, batch, input_size], or packed [sum(batch_sizes),
-    input_size] when batch_sizes is given; batch_sizes stays on the CPU."""
+    and moved to device. x is [steps, batch, input_size], [batch, input_size] (one step)
+    with one_step, or packed [sum(batch_sizes), input_size] when batch_sizes is given;
+    batch_sizes stays on the CPU."""
     g = torch.Generator().manual_seed(seed)
 
     def r(*shape):
@@ -461,7 +462,7 @@ def op_args(cell: str, *, bias: bool = True, reverse: bool = False, proj: bool =
         batch = int(batch_sizes[0])
         x = r(int(batch_sizes.sum()), input_size)
     else:
-        x = r(steps, batch, input_size)
+        x = r(batch, input_size) if one_step else r(steps, batch, input_size)
     hout = proj_size if proj else hidden_size
     gh = GATES[cell] * hidden_size
     h0 = r(batch, hout)

@@ -704,7 +704,8 @@ FORWARD_OP_CASES = [
     ("all_int64", None, _all_cast(torch.int64), ["float32, float64, float16 or bfloat16"]),
     ("all_complex64", None, _all_cast(torch.complex64), ["float32, float64, float16 or bfloat16"]),
     ("x_4d", None, _set(x=lambda a, g: torch.randn(1, T, B, I)), ["3-d"]),
-    ("x_2d_unpacked", None, _set(x=lambda a, g: torch.randn(T * B, I)), ["3-d"]),
+    # 2-D without batch_sizes is one step [B, I]: these T * B rows are not the state's batch
+    ("x_2d_unpacked", None, _set(x=lambda a, g: torch.randn(T * B, I)), ["batch"]),
     ("x_1d", None, _set(x=lambda a, g: torch.randn(I)), ["3-d"]),
     ("x_0d", None, _set(x=lambda a, g: torch.tensor(1.0)), ["input|dim"]),
     ("x_batch", None, _set(x=lambda a, g: torch.randn(T, B + 1, I)), ["batch"]),

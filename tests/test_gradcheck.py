@@ -96,6 +96,25 @@ def _opcheck_ok(result):
 FAST_UTILS = ("test_schema", "test_autograd_registration", "test_faketensor")
 
 
+@pytest.mark.parametrize("cell,proj", [(c, False) for c in OPS] + [("lstm", True)])
+def test_one_step_2d_input(cell, proj, device):
+    """Without batch_sizes a 2-D x [B, I] is one step (how the *Cell modules call the ops): y
+    is [B, Hout]; gradcheck, opcheck of both ops, and the same bits as the one-step sequence
+    x[None]."""
+    args = op_args(cell, proj=proj, one_step=True, device=device)
+    assert args[0].dim() == 2
+    assert gradcheck(differentiable_outputs(cell), args, eps=1e-6, atol=1e-8, rtol=1e-6)
+    _opcheck_ok(torch.library.opcheck(forward_op(cell), args, test_utils=FAST_UTILS))
+    bargs = backward_args(cell, proj=proj, one_step=True, device=device)
+    _opcheck_ok(torch.library.opcheck(backward_op(cell), bargs, test_utils=("test_schema", "test_faketensor")))
+    with torch.no_grad():
+        flat = forward_op(cell)(*args)
+        seq = forward_op(cell)(args[0][None], *args[1:])
+    assert flat[0].shape == seq[0].shape[1:]
+    assert torch.equal(flat[0], seq[0][0])
+    assert all(torch.equal(a, b) for a, b in zip(flat[1:], seq[1:]))
+
+
 @pytest.mark.parametrize("cell,bias,reverse,proj", CASES)
 def test_opcheck_forward_fast(cell, bias, reverse, proj, device):
     args = op_args(cell, bias=bias, reverse=reverse, proj=proj, device=device)

@@ -385,7 +385,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(const Tensor& x_in, con
     }
   });
 
-  if (!batch_sizes.has_value()) y = y.view({st.T, B, Hout});
+  if (x_in.dim() == 3) y = y.view({st.T, B, Hout});
   return {y, h_state, c_state, ws};
 }
 
