@@ -424,6 +424,16 @@ std::vector<Tensor> few_rows_weight_grads(const Tensor& d_gi, const Tensor& d_gh
           dh.has_value() ? d_t_times(*dh, r->data_ptr<T>(), r->size(1), r->stride(0)) : at::empty({0}, options)};
 }
 
+// Backpropagation through time. Returns, in order: grad of x, h0, c0 (undefined without c),
+// w_ih, w_hh, b_ih, b_hh (empty [0] without bias), w_hr (empty [0] without projection).
+// need_grad_x=false returns grad_x empty [0] and skips its GEMM; need_grad_weights=false
+// likewise every weight and bias gradient (then h_prev is gathered only where the cell reads it).
+//
+// Steps run in the reverse of the forward's order. Per step: dh = dh_state + grad_y[t]
+// (the gradient reaching h_t from above and from the next step), with a projection
+// dr = dh @ W_hr; the cell's pointwise backward gives the gate gradients; then
+// dh_prev = d_gh @ W_hh. The weight gradients are one GEMM each over all steps afterwards
+// (few_rows_weight_grads for a few rows in all).
 template <class Cell>
 std::vector<Tensor> layer_backward(const Tensor& grad_y_in, const Tensor& grad_h_n, const OptTensor& grad_c_n,
                                    const Tensor& x_in, const Tensor& w_ih, const Tensor& w_hh,
