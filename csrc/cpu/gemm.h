@@ -622,7 +622,6 @@ class StepWeight {
   // Fewer products than this take the weight as it is (see the class comment).
   static constexpr int64_t kMinUsesToPack = 3;
 
-
  private:
   int64_t n_, k_;
   bool stored_transposed_;

@@ -408,12 +408,13 @@ std::vector<Tensor> few_rows_weight_grads(const Tensor& d_gi, const Tensor& d_gh
     return g;
   };
   auto column_sums = [&](const Tensor& d) {
-    Tensor sums = at::empty({d.size(1)}, options);
+    const int64_t cols = d.size(1), ld = d.stride(0);
+    Tensor sums = at::empty({cols}, options);
     T* out = sums.data_ptr<T>();
     const T* rows = d.data_ptr<T>();
-    std::fill(out, out + d.size(1), T(0));
+    std::fill(out, out + cols, T(0));
     for (int64_t i = 0; i < N; ++i) {
-      for (int64_t j = 0; j < d.size(1); ++j) out[j] += rows[i * d.stride(0) + j];
+      for (int64_t j = 0; j < cols; ++j) out[j] += rows[i * ld + j];
     }
     return sums;
   };
