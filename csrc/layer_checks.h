@@ -185,27 +185,32 @@ LayerSizes check_forward_args(const Backend& backend, const Tensor& x, const Ten
   return s;
 }
 
-// Every argument of a backward op: the gradients of the outputs and what the forward returned
-// and saved (y and grad_y of y's full shape, the workspace of its full shape).
+// Every argument of a backward op: the gradients of the outputs (each optional: absent is
+// zero) and what the forward returned and saved (y and grad_y of y's full shape, the
+// workspace of its full shape). The batch size is h0's.
 template <class Cell>
-LayerSizes check_backward_args(const Backend& backend, const Tensor& grad_y, const Tensor& grad_h_n,
+LayerSizes check_backward_args(const Backend& backend, const OptTensor& grad_y, const OptTensor& grad_h_n,
                                const OptTensor& grad_c_n, const Tensor& x, const Tensor& w_ih, const Tensor& w_hh,
                                const OptTensor& w_hr, const OptTensor& batch_sizes, const Tensor& y,
                                const Tensor& ws, const Tensor& h0, const OptTensor& c0) {
   LayerSizes s = check_weights<Cell>(backend, x, w_ih, w_hh, std::nullopt, std::nullopt, w_hr);
-  check_same(x, grad_h_n, "grad_h_n");
-  TORCH_CHECK(grad_h_n.dim() == 2, "rnnext: grad_h_n must be 2-D");
-  const int64_t B = grad_h_n.size(0);
-  check_state(x, grad_h_n, B, s.Hout, "grad_h_n");
+  check_same(x, h0, "h0");
+  TORCH_CHECK(h0.dim() == 2, "rnnext: h0 must be 2-D [batch, ", s.Hout, "], got ", h0.sizes());
+  const int64_t B = h0.size(0);
+  check_state(x, h0, B, s.Hout, "h0");
+  if (grad_h_n.has_value()) check_state(x, *grad_h_n, B, s.Hout, "grad_h_n");
   if (Cell::kHasCellState) {
-    TORCH_CHECK(grad_c_n.has_value(), "rnnext: grad_c_n is required");
-    check_state(x, *grad_c_n, B, s.H, "grad_c_n");
+    TORCH_CHECK(c0.has_value(), "rnnext: c0 is required");
+    check_state(x, *c0, B, s.H, "c0");
+    if (grad_c_n.has_value()) check_state(x, *grad_c_n, B, s.H, "grad_c_n");
   }
   s.steps = make_steps(x, batch_sizes, B);
   std::vector<int64_t> y_shape(x.sizes().begin(), x.sizes().end());
   y_shape.back() = s.Hout;
-  check_same(x, grad_y, "grad_y");
-  check_shape(grad_y, y_shape, "grad_y");
+  if (grad_y.has_value()) {
+    check_same(x, *grad_y, "grad_y");
+    check_shape(*grad_y, y_shape, "grad_y");
+  }
   check_same(x, y, "y");
   check_shape(y, y_shape, "y");
   TORCH_CHECK(ws.device() == x.device(), "rnnext: workspace is on ", ws.device(), " but the input is on ",
@@ -214,11 +219,6 @@ LayerSizes check_backward_args(const Backend& backend, const Tensor& grad_y, con
   TORCH_CHECK(ws.scalar_type() == ws_dtype, "rnnext: workspace has dtype ", ws.scalar_type(), " but the forward saves ",
               ws_dtype, " for input dtype ", x.scalar_type());
   check_shape(ws, {s.steps.N, s.ws_cols}, "workspace");
-  check_state(x, h0, B, s.Hout, "h0");
-  if (Cell::kHasCellState) {
-    TORCH_CHECK(c0.has_value(), "rnnext: c0 is required");
-    check_state(x, *c0, B, s.H, "c0");
-  }
   return s;
 }
 

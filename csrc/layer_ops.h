@@ -6,7 +6,8 @@
 //     -> (y, h_n, c_n, workspace), c_n undefined without a cell state;
 //   backward<Cell>(grad_y, grad_h_n, grad_c_n, x, w_ih, w_hh, w_hr, batch_sizes, reverse, has_bias,
 //                  y, workspace, h0, c0, need_grad_x, need_grad_weights, need_grad_h0)
-//     -> [grad_x, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh, grad_w_hr].
+//     -> [grad_x, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh, grad_w_hr],
+//     with grad_y, grad_h_n and grad_c_n optional (absent: zero).
 // Each backend registers &SingleStateOps<Loop, Cell>::forward etc. for its dispatch key.
 //
 // Weights reach the loops contiguous (a copy only where the caller's are not): the products
@@ -77,7 +78,7 @@ struct SingleStateOps {
   }
 
   static std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward(
-      const Tensor& grad_y, const Tensor& grad_h_n, const Tensor& x, const Tensor& w_ih, const Tensor& w_hh,
+      const OptTensor& grad_y, const OptTensor& grad_h_n, const Tensor& x, const Tensor& w_ih, const Tensor& w_hh,
       const OptTensor& batch_sizes, bool reverse, bool has_bias, const Tensor& y, const Tensor& workspace,
       const Tensor& h0, bool need_grad_x, bool need_grad_weights, bool need_grad_h0) {
     const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
@@ -102,7 +103,7 @@ struct LstmOps {
   }
 
   static std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward(
-      const Tensor& grad_y, const Tensor& grad_h_n, const Tensor& grad_c_n, const Tensor& x, const Tensor& w_ih,
+      const OptTensor& grad_y, const OptTensor& grad_h_n, const OptTensor& grad_c_n, const Tensor& x, const Tensor& w_ih,
       const Tensor& w_hh, const OptTensor& w_hr, const OptTensor& batch_sizes, bool reverse, bool has_bias,
       const Tensor& y, const Tensor& workspace, const Tensor& h0, const Tensor& c0, bool need_grad_x,
       bool need_grad_weights, bool need_grad_h0) {

@@ -7,7 +7,9 @@
 // the steps from last to first (the backward direction of a bidirectional layer). The last
 // output, `workspace` [N, ws_cols], holds what the backward op needs; it is not differentiable.
 // With need_backward=false (inference) it is returned empty, [0, ws_cols], and never written.
-// A backward op returns the gradients of the forward's tensor inputs; a missing bias or
+// A backward op takes the gradients of the forward's outputs, None for one that is zero (an
+// output nothing used: a *Cell's y, or h_n of a layer whose outputs alone were used), and
+// returns the gradients of the forward's tensor inputs; a missing bias or
 // projection gets an empty [0] tensor, and so does a gradient not asked for: need_grad_x=false
 // skips grad_x, need_grad_weights=false every weight and bias gradient (their GEMMs are
 // most of a backward: an input that is data, or frozen weights, need not pay for them), and
@@ -126,14 +128,14 @@ TORCH_LIBRARY(rnnext, m) {
   m.def("rnn_tanh_layer_forward(Tensor x, Tensor h0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, "
         "Tensor? batch_sizes, bool reverse, bool need_backward=True) -> (Tensor, Tensor, Tensor)");
   // -> (grad_x, grad_h0, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh)
-  m.def("rnn_tanh_layer_backward(Tensor grad_y, Tensor grad_h_n, Tensor x, Tensor w_ih, Tensor w_hh, "
+  m.def("rnn_tanh_layer_backward(Tensor? grad_y, Tensor? grad_h_n, Tensor x, Tensor w_ih, Tensor w_hh, "
         "Tensor? batch_sizes, bool reverse, bool has_bias, Tensor y, Tensor workspace, Tensor h0, "
         "bool need_grad_x=True, bool need_grad_weights=True, bool need_grad_h0=True) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // As rnn_tanh, with relu in place of tanh.
   m.def("rnn_relu_layer_forward(Tensor x, Tensor h0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, "
         "Tensor? batch_sizes, bool reverse, bool need_backward=True) -> (Tensor, Tensor, Tensor)");
-  m.def("rnn_relu_layer_backward(Tensor grad_y, Tensor grad_h_n, Tensor x, Tensor w_ih, Tensor w_hh, "
+  m.def("rnn_relu_layer_backward(Tensor? grad_y, Tensor? grad_h_n, Tensor x, Tensor w_ih, Tensor w_hh, "
         "Tensor? batch_sizes, bool reverse, bool has_bias, Tensor y, Tensor workspace, Tensor h0, "
         "bool need_grad_x=True, bool need_grad_weights=True, bool need_grad_h0=True) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
@@ -141,7 +143,7 @@ TORCH_LIBRARY(rnnext, m) {
   m.def("gru_layer_forward(Tensor x, Tensor h0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, "
         "Tensor? batch_sizes, bool reverse, bool need_backward=True) -> (Tensor, Tensor, Tensor)");
   // -> (grad_x, grad_h0, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh)
-  m.def("gru_layer_backward(Tensor grad_y, Tensor grad_h_n, Tensor x, Tensor w_ih, Tensor w_hh, "
+  m.def("gru_layer_backward(Tensor? grad_y, Tensor? grad_h_n, Tensor x, Tensor w_ih, Tensor w_hh, "
         "Tensor? batch_sizes, bool reverse, bool has_bias, Tensor y, Tensor workspace, Tensor h0, "
         "bool need_grad_x=True, bool need_grad_weights=True, bool need_grad_h0=True) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
@@ -151,7 +153,7 @@ TORCH_LIBRARY(rnnext, m) {
         "-> (Tensor, Tensor, Tensor, Tensor)");
   // c0 gives c_prev of the rows' first steps (the workspace keeps c, not c_prev)
   // -> (grad_x, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh, grad_w_hr)
-  m.def("lstm_layer_backward(Tensor grad_y, Tensor grad_h_n, Tensor grad_c_n, Tensor x, Tensor w_ih, "
+  m.def("lstm_layer_backward(Tensor? grad_y, Tensor? grad_h_n, Tensor? grad_c_n, Tensor x, Tensor w_ih, "
         "Tensor w_hh, Tensor? w_hr, Tensor? batch_sizes, bool reverse, bool has_bias, Tensor y, "
         "Tensor workspace, Tensor h0, Tensor c0, bool need_grad_x=True, bool need_grad_weights=True, "
         "bool need_grad_h0=True) "

@@ -192,3 +192,55 @@ def test_backward_op_skips_gradients_not_asked_for(case, device):
             assert m.shape == (0,), i
     _opcheck_ok(torch.library.opcheck(backward_op(cell), args + (need_x, need_w, need_h0),
                                       test_utils=("test_schema", "test_faketensor")))
+
+
+# ---------------------------------------------------------------- the graph node
+ABSENT_CASES = [(c, p, s) for c, p in [(c, False) for c in OPS] + [("lstm", True)] for s in (False, True)]
+
+
+@pytest.mark.parametrize("cell,proj,one_step", ABSENT_CASES)
+def test_backward_op_takes_absent_output_grads(cell, proj, one_step, device):
+    """An output gradient may be None, meaning zero: what autograd passes for an output nothing
+    used (a *Cell's y, a layer's h_n). Every combination gives the same bits as zeros, and
+    passes opcheck's schema and fake-kernel checks."""
+    args = backward_args(cell, proj=proj, reverse=True, one_step=one_step, device=device)
+    n_grads = 3 if cell == "lstm" else 2
+    for absent in itertools.chain.from_iterable(itertools.combinations(range(n_grads), k)
+                                                for k in range(1, n_grads + 1)):
+        zeros, nones = list(args), list(args)
+        for i in absent:
+            zeros[i], nones[i] = torch.zeros_like(args[i]), None
+        expected = backward_op(cell)(*zeros)
+        got = backward_op(cell)(*nones)
+        assert all(torch.equal(e, g) for e, g in zip(expected, got)), absent
+        _opcheck_ok(torch.library.opcheck(backward_op(cell), tuple(nones),
+                                          test_utils=("test_schema", "test_faketensor")))
+
+
+def test_graph_node_keeps_saved_values_as_torch_does(device):
+    """The forward's node saves like torch's own: a second backward without retain_graph and a
+    saved input modified in place both raise torch's errors, not a wrong gradient."""
+    args = op_args("lstm", proj=True, device=device)
+    outs = differentiable_outputs("lstm")(*args)
+    assert outs[0].grad_fn is outs[1].grad_fn and outs[0].grad_fn.name() == "LstmLayerBackward"
+    loss = sum(o.sum() for o in outs)
+    loss.backward()
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        loss.backward()
+    outs = differentiable_outputs("lstm")(*args)
+    with torch.no_grad():
+        args[3].add_(1.0)  # w_ih
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        sum(o.sum() for o in outs).backward()
+
+
+def test_forward_mode_ad_is_refused(device):
+    """The ops have no forward-mode formula: a dual input raises NotImplementedError naming the
+    op, never a tangent silently dropped."""
+    import torch.autograd.forward_ad as fwAD
+
+    args = list(op_args("gru", requires_grad=False, device=device))
+    with fwAD.dual_level():
+        args[0] = fwAD.make_dual(args[0], torch.ones_like(args[0]))
+        with pytest.raises(NotImplementedError, match="rnnext::gru_layer_forward has no forward-mode AD"):
+            forward_op("gru")(*args)

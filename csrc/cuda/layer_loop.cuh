@@ -298,7 +298,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(const Tensor& x_in, con
 // grad_b_hh, grad_w_hr], as the CPU's layer_backward (empty [0] for what is absent or not
 // asked for: need_grad_x, need_grad_weights).
 template <class Cell>
-std::vector<Tensor> layer_backward(const Tensor& grad_y_in, const Tensor& grad_h_n, const OptTensor& grad_c_n,
+std::vector<Tensor> layer_backward(const OptTensor& grad_y_in, const OptTensor& grad_h_n, const OptTensor& grad_c_n,
                                    const Tensor& x_in, const Tensor& w_ih, const Tensor& w_hh,
                                    const OptTensor& w_hr, const OptTensor& batch_sizes, bool reverse,
                                    bool has_bias, const Tensor& y_in, const Tensor& ws_in, const Tensor& h0,
@@ -313,7 +313,9 @@ std::vector<Tensor> layer_backward(const Tensor& grad_y_in, const Tensor& grad_h
   const int64_t r_col = workspace::proj_col(Cell::kBlocks, H);
 
   const Tensor x = x_in.contiguous().view({st.N, sz.I});
-  const Tensor grad_y = grad_y_in.contiguous().view({st.N, Hout});
+  // An absent output gradient is zero: made here, so the kernels below read one as given.
+  const Tensor grad_y = grad_y_in.has_value() ? grad_y_in->contiguous().view({st.N, Hout})
+                                              : at::zeros({st.N, Hout}, x_in.options());
   const Tensor y = y_in.contiguous().view({st.N, Hout});
   const Tensor ws = ws_in.contiguous();
   const Tensor w_hh_c = w_hh.contiguous();
@@ -321,8 +323,10 @@ std::vector<Tensor> layer_backward(const Tensor& grad_y_in, const Tensor& grad_h
   const Tensor h0_c = h0.contiguous();
   const Tensor c0_c = Cell::kHasCellState ? c0->contiguous() : Tensor();
 
-  Tensor dh_state = grad_h_n.contiguous().clone();
-  Tensor dc_state = Cell::kHasCellState ? grad_c_n->contiguous().clone() : Tensor();
+  Tensor dh_state = grad_h_n.has_value() ? grad_h_n->contiguous().clone() : at::zeros({B, Hout}, x_in.options());
+  Tensor dc_state = !Cell::kHasCellState       ? Tensor()
+                    : grad_c_n.has_value() ? grad_c_n->contiguous().clone()
+                                           : at::zeros({B, H}, x_in.options());
   Tensor d_gi = x.new_empty({st.N, GH});
   Tensor d_gh = Cell::kSeparateHiddenGrad ? x.new_empty({st.N, GH}) : d_gi;
   // With a projection: each step's dh (kept for dW_hr) and dr = dh @ W_hr.
