@@ -231,7 +231,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(const Tensor& x_in, con
   const int64_t ws_cols = sz.ws_cols;
   const int64_t r_col = workspace::proj_col(Cell::kBlocks, H);  // LSTM proj only
 
-  const Tensor x = x_in.contiguous().view({st.N, sz.I});
+  const Tensor x = x_in.dim() == 2 ? x_in.contiguous() : x_in.contiguous().view({st.N, sz.I});
   const Tensor w_hh_c = w_hh.contiguous();
   // A sequence too short to pack its weights (StepWeight::kMinUsesToPack) runs as one block:
   // a split would copy each block's gate rows of W_hh, and its products go to the BLAS, which
@@ -261,12 +261,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(const Tensor& x_in, con
   Tensor y = x.new_empty({st.N, Hout});
   Tensor ws = x.new_empty({need_backward ? st.N : 0, ws_cols});
   Tensor r_buf = (sz.proj && !need_backward) ? x.new_empty({B, H}) : Tensor();  // o * tanh(c)
-  Tensor h_state = h0.contiguous().clone();  // initial state in, final state out
+  // h_state: the final state out. Only a packed sequence in reverse, whose later steps add
+  // rows that begin from h0, also starts from it (a clone costs twice an empty tensor).
+  const bool rows_join = batch_sizes.has_value() && reverse && st.T > 1;
+  const Tensor h0_c = h0.contiguous();
+  Tensor h_state = rows_join ? h0_c.clone() : at::empty({B, Hout}, h0_c.options());
   Tensor c_state = Cell::kHasCellState ? c0->contiguous().clone() : Tensor();
   Tensor gh = x.new_empty({B, GH});  // block k's [rows, G*n] at offset B * G * j0
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rnnext_layer_forward", [&] {
     scalar_t* h_ptr = h_state.data_ptr<scalar_t>();
+    const scalar_t* h0_ptr = h0_c.data_ptr<scalar_t>();
     scalar_t* ws_ptr = ws.data_ptr<scalar_t>();
     scalar_t* y_ptr = y.data_ptr<scalar_t>();
     scalar_t* gh_ptr = gh.data_ptr<scalar_t>();
@@ -308,7 +313,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(const Tensor& x_in, con
         // packed sequence in reverse grows: rows past the previous step's begin here from h0,
         // which h_state still holds.
         const int64_t prev = previous_step(st, t, reverse);
-        const scalar_t* h_prev = h_ptr;
+        const scalar_t* h_prev = rows_join ? h_ptr : h0_ptr;
         if (prev >= 0) {
           const scalar_t* y_prev = y_ptr + st.offset[prev] * Hout;
           if (st.rows[prev] >= rows) {
