@@ -30,21 +30,28 @@ namespace rnnext {
 
 inline OptTensor contiguous(const OptTensor& t) { return t.has_value() ? OptTensor(t->contiguous()) : std::nullopt; }
 
+// d^T @ in through ATen: weight_grads' products unless a backend gives its own.
+struct AtenTransposedProduct {
+  Tensor operator()(const Tensor& d, const Tensor& in) const { return at::mm(d.t(), in); }
+};
+
 // The weight gradients of a backward, after its step loop, on any device: single GEMMs over
-// all steps and column sums for the biases (no atomics: deterministic), empty [0] for what is
-// absent. d_gi, d_gh [N, G*H] (the same tensor where the cell's two sides agree), x [N, I],
-// h_prev [N, Hout]; with a projection dh [N, Hout] (the gradient of each step's h) and
-// r [N, H] (its input, o * tanh(c)). Returns {w_ih, w_hh, b_ih, b_hh, w_hr}.
-inline std::vector<Tensor> weight_grads(const Tensor& d_gi, const Tensor& d_gh, const Tensor& x,
-                                        const Tensor& h_prev, bool has_bias, const OptTensor& dh,
-                                        const OptTensor& r) {
+// all steps (d_t_times(d, in) = d^T @ in) and column sums for the biases (no atomics:
+// deterministic), empty [0] for what is absent. d_gi, d_gh [N, G*H] (the same tensor where
+// the cell's two sides agree), x [N, I], h_prev [N, Hout]; with a projection dh [N, Hout]
+// (the gradient of each step's h) and r [N, H] (its input, o * tanh(c)). Returns
+// {w_ih, w_hh, b_ih, b_hh, w_hr}.
+template <class TransposedProduct = AtenTransposedProduct>
+std::vector<Tensor> weight_grads(const Tensor& d_gi, const Tensor& d_gh, const Tensor& x, const Tensor& h_prev,
+                                 bool has_bias, const OptTensor& dh, const OptTensor& r,
+                                 const TransposedProduct& d_t_times = {}) {
   std::vector<Tensor> g(5);
-  g[0] = at::mm(d_gi.t(), x);
-  g[1] = at::mm(d_gh.t(), h_prev);
+  g[0] = d_t_times(d_gi, x);
+  g[1] = d_t_times(d_gh, h_prev);
   const bool same_sides = d_gh.is_same(d_gi);
   g[2] = has_bias ? d_gi.sum(0) : x.new_empty({0});
   g[3] = !has_bias ? x.new_empty({0}) : same_sides ? g[2].clone() : d_gh.sum(0);
-  g[4] = dh.has_value() ? at::mm(dh->t(), *r) : x.new_empty({0});
+  g[4] = dh.has_value() ? d_t_times(*dh, *r) : x.new_empty({0});
   return g;
 }
 

@@ -12,6 +12,8 @@ AVX-512 kernel, the AVX2 kernel and the BLAS (the library's sgemm).
   same bits run to run and with the product split across 1 or 2 threads.
 * Layers through each route (rnnext._C.cpu_option("own_gemm", route) switches it) match
   torch.nn.
+* The few-row kernels (small_nt, small_nn, small_tn) and the large weight gradients' oneDNN
+  route (onednn_tn) likewise, on _step_gemm and in layers.
 
 A route this CPU lacks is skipped with the reason (absent hardware: AVX-512 or AVX2).
 """
@@ -260,3 +262,63 @@ def test_step_gemm_checks_its_arguments():
         torch.ops.rnnext._step_gemm(torch.ones(2, 3).double(), torch.ones(4, 3), torch.zeros(2, 4), "blas", False)
 
 
+
+
+# The large weight gradients' oneDNN route (gemm.h, TransposedProduct: d^T @ x as oneDNN's
+# x @ W^T on a tiled transpose of each side), forced at any size: sizes that end both
+# transposes' tiles part-way (not multiples of 16) and the smallest ones.
+ONEDNN_TN = ((1, 1, 1), (17, 33, 5), (100, 49, 300), (2049, 515, 1030))
+
+
+def _onednn_calls(fn):
+    """fn's result, and how many oneDNN GEMMs (mkldnn::_linear_pointwise) it ran."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        result = fn()
+    return result, sum(e.name == "mkldnn::_linear_pointwise" for e in prof.events())
+
+
+def _has_avx512():
+    try:
+        torch.ops.rnnext._step_gemm(torch.ones(1, 1), torch.ones(1, 1), torch.zeros(1, 1), "avx512", False)
+    except ValueError:
+        return False
+    return True
+
+
+def test_onednn_weight_gradient_route_matches_float64():
+    for m, n, k in ONEDNN_TN:
+        a, w, c = operands(m, n, k, seed=m + n + k)
+        for accumulate in (False, True):
+            got, calls = _onednn_calls(lambda: torch.ops.rnnext._step_gemm(a, w, c, "onednn_tn", accumulate))
+            # oneDNN ships with every torch CPU build rnnext supports; where a build lacks it
+            # the route falls back to at::mm, which must be right too.
+            assert calls == int(torch.backends.mkldnn.is_available()), (m, n, k)
+            exact, bound = reference(a, w, c, accumulate)
+            err = (got.double() - exact).abs()
+            assert bool((err <= 2 * bound).all()), f"m={m} n={n} k={k}: {(err / bound).max().item():.2f}x the bound"
+
+
+def test_onednn_weight_gradient_route_same_bits_run_to_run():
+    a, w, c = operands(2049, 515, 1030, seed=4)
+    first = torch.ops.rnnext._step_gemm(a, w, c, "onednn_tn", False)
+    second = torch.ops.rnnext._step_gemm(a, w, c, "onednn_tn", False)
+    assert torch.equal(first, second)
+
+
+@pytest.mark.parametrize("cell", ("LSTM", "GRU"))
+def test_layers_with_large_weight_gradients_match_torch(cell):
+    """A layer large enough for the oneDNN weight-gradient route on an AVX-512 CPU (4H or 3H
+    >= 2048 gate columns, 1024 rows; elsewhere it keeps at::mm): every gradient against
+    torch.nn, the same bits run to run, and close to the at::mm route (oneDNN off)."""
+    hidden = 512 if cell == "LSTM" else 683  # 2048 and 2049 gate columns
+    ref, ours = make_pair(cell, 520, hidden, dtype=torch.float32, seed=2)
+    x, hx = make_inputs(ref, with_hx=True, seq_len=16, batch=64)
+    first, calls = _onednn_calls(lambda: run(ours, x, hx))
+    if torch.backends.mkldnn.is_available() and _C.cpu_option("onednn") == "1":
+        assert calls == 1 + (2 if _has_avx512() else 0)  # grad_x, then dW_ih and dW_hh
+    assert_results_close(run(ref, x, hx), first, f"{cell} large", scale_atol=True)
+    assert_results_equal(first, run(ours, x, hx), what=f"{cell} run to run")
+    with cpu_option("onednn", "0"):
+        plain = run(ours, x, hx)
+    assert_results_close(plain, first, f"{cell} oneDNN vs at::mm", scale_atol=True)

@@ -584,7 +584,7 @@ std::vector<Tensor> layer_backward(const OptTensor& grad_y_in, const OptTensor& 
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rnnext_weight_grads", [&] {
       g = unpacked_tn_route<scalar_t>(st.N, GH, std::max(sz.I, Hout))
               ? few_rows_weight_grads<scalar_t>(d_gi, d_gh, x.data_ptr<scalar_t>(), sz.I, h_prev_all, has_bias, dh, r)
-              : weight_grads(d_gi, d_gh, x.view({st.N, sz.I}), h_prev_all, has_bias, dh, r);
+              : weight_grads(d_gi, d_gh, x.view({st.N, sz.I}), h_prev_all, has_bias, dh, r, TransposedProduct{});
     });
     return g;
   });

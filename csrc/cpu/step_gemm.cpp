@@ -2,7 +2,7 @@
 // a route the caller names, so tests can reach every kernel this CPU has, and each kernel's
 // remainder paths (row blocks, partial strips, K blocks), without a layer around it; also
 // the few-row kernels of an unpacked weight (gemm.h: "small_nt", "small_nn") and of the
-// weight gradients ("small_tn").
+// weight gradients ("small_tn"), and the large weight gradients' oneDNN route ("onednn_tn").
 #include <torch/library.h>
 
 #include <limits>
@@ -65,6 +65,16 @@ at::Tensor step_gemm(const at::Tensor& a, const at::Tensor& w, const at::Tensor&
   }
   TORCH_CHECK(a.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat && c.scalar_type() == at::kFloat,
               "rnnext::_step_gemm: float32 only");
+  if (name == "onednn_tn") {
+    // the large weight gradients' oneDNN route (TransposedProduct), forced at any size: as
+    // D^T @ X with D = a^T [k, m] and X = w^T [k, n], X's rows 3 apart wider than n (as the
+    // workspace's r is), so both transposes see a leading dimension other than their width
+    const at::Tensor d = a.t().contiguous();
+    const at::Tensor x = at::empty({k, n + 3}, w.options()).narrow(1, 0, n).copy_(w.t());
+    at::Tensor product = TransposedProduct(/*force_onednn=*/true)(d, x);
+    out.copy_(accumulate ? product + c : product);
+    return out;
+  }
   const packed_gemm::Kernel kernel = packed_gemm::parse_kernel(std::string(route), "route");
   if (kernel == packed_gemm::Kernel::kNone) {
     const at::Tensor wc = w.contiguous();
