@@ -141,7 +141,7 @@ struct LayerBackward final : public Node {
     for (int k = 0; k < kInputs; ++k) {
       if (!needs[k]) g[k] = Tensor();
     }
-    return std::move(g);
+    return g;
   }
 
   SavedVariable saved_[kSaved];

@@ -34,6 +34,7 @@
 
 #include "options.h"
 #include "packed_gemm.h"
+#include "scratch.h"
 
 // Loops that should run at SIMD width are compiled for AVX-512, for AVX2 and for baseline
 // x86-64; the loader picks the best the CPU has (GCC function multiversioning), so one build
@@ -121,10 +122,11 @@ void transpose_into(const T* in, int64_t rows, int64_t cols, int64_t ld, T* out)
   });
 }
 
-// A new contiguous [cols, rows] tensor holding t^T, for a 2-D t whose rows are contiguous.
+// A new contiguous [cols, rows] tensor holding t^T, for a 2-D t whose rows are contiguous
+// (pooled memory: an op's temporary, not for its outputs).
 inline at::Tensor transposed(const at::Tensor& t) {
   TORCH_CHECK(t.dim() == 2 && (t.stride(1) == 1 || t.size(1) <= 1), "rnnext: transposed() takes rows that are contiguous");
-  at::Tensor out = at::empty({t.size(1), t.size(0)}, t.options());
+  at::Tensor out = pooled_empty({t.size(1), t.size(0)}, t.options());
   AT_DISPATCH_FLOATING_TYPES(t.scalar_type(), "rnnext_transposed", [&] {
     transpose_into<scalar_t>(t.data_ptr<scalar_t>(), t.size(0), t.size(1), t.stride(0), out.data_ptr<scalar_t>());
   });

@@ -14,6 +14,9 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#if defined(__SSE2__)
+#include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <atomic>
@@ -46,7 +49,47 @@ struct ForwardStep {
   T* ws; int64_t ws_ld;         // [rows, ws_cols]; nullptr when no backward will follow
   T* c_state;                   // [rows, H] LSTM cell state, read as c_prev, written as c
   T* h_out; int64_t h_out_ld;   // [rows, H] new h (LSTM with projection: r, before W_hr)
+
+  // The same step for row b alone (its row 0), its workspace row at ws_row.
+  ForwardStep row(int64_t b, T* ws_row) const {
+    ForwardStep r = *this;
+    r.gi += b * gi_ld;
+    r.gh += b * gh_ld;
+    r.h_prev += b * h_prev_ld;
+    r.ws = ws_row;
+    if (c_state) r.c_state += b * H;
+    r.h_out += b * h_out_ld;
+    return r;
+  }
 };
+
+// dst[0, n) = src[0, n) with non-temporal stores (x86: SSE2's 16-byte streaming store, the
+// unaligned head and tail plainly): the values go to memory without first reading the lines
+// they fill, and without evicting what the cache holds. The caller orders them (sfence())
+// before anything reads them.
+template <typename T>
+inline void stream_values(T* dst, const T* src, int64_t n) {
+#if defined(__SSE2__)
+  char* d = reinterpret_cast<char*>(dst);
+  const char* s = reinterpret_cast<const char*>(src);
+  int64_t bytes = n * static_cast<int64_t>(sizeof(T));
+  const int64_t head = std::min<int64_t>(bytes, (16 - (reinterpret_cast<uintptr_t>(d) & 15)) & 15);
+  std::memcpy(d, s, head);
+  d += head, s += head, bytes -= head;
+  for (; bytes >= 16; bytes -= 16, d += 16, s += 16) {
+    _mm_stream_si128(reinterpret_cast<__m128i*>(d), _mm_loadu_si128(reinterpret_cast<const __m128i*>(s)));
+  }
+  if (bytes > 0) std::memcpy(d, s, bytes);
+#else
+  copy_values(dst, src, n);
+#endif
+}
+
+inline void sfence() {
+#if defined(__SSE2__)
+  _mm_sfence();
+#endif
+}
 
 template <typename T>
 struct BackwardStep {
@@ -176,6 +219,9 @@ struct StepChunk {
 // listed in the order the direction processes them. options::chunk_rows() (RNNEXT_CHUNK_ROWS)
 // sets the rows per chunk instead (the tests use it to put chunk edges at small sizes).
 constexpr int64_t kChunkBytes = int64_t(4) << 20;
+// Training workspaces of at least this size are written with non-temporal stores (see
+// stream_values): they cannot stay in the cache until the backward reads them anyway.
+constexpr int64_t kStreamWorkspaceBytes = int64_t(32) << 20;
 constexpr int64_t kMinChunkRows = 512;
 
 inline std::vector<StepChunk> step_chunks(const Steps& st, int64_t row_bytes, bool reverse) {
@@ -259,7 +305,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(const Tensor& x_in, con
   Tensor gi = fuse_input ? x.new_empty({B, GH}) : scratch({chunk_cap, GH}, x.options());
 
   Tensor y = x.new_empty({st.N, Hout});
-  Tensor ws = x.new_empty({need_backward ? st.N : 0, ws_cols});
+  Tensor ws = pooled_empty({need_backward ? st.N : 0, ws_cols}, x.options());
   Tensor r_buf = (sz.proj && !need_backward) ? x.new_empty({B, H}) : Tensor();  // o * tanh(c)
   // h_state: the final state out. Only a packed sequence in reverse, whose later steps add
   // rows that begin from h0, also starts from it (a clone costs twice an empty tensor).
@@ -291,6 +337,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(const Tensor& x_in, con
     std::vector<Tensor> b_block, b_ih_block;
     const int64_t step_weight_bytes = (w_hh_c.numel() + (fuse_input ? w_ih.numel() : 0)) * x.element_size();
     const bool streaming = step_weight_bytes >= options::streaming_bytes();
+    const bool stream_workspace = need_backward && Cell::kBlocks > 0 && ws.nbytes() >= kStreamWorkspaceBytes;
     for (const UnitBlock& ub : blocks) {
       w_block.emplace_back(gate_rows(w_hh_c, G, H, ub), B, st.T);
       w_block.back().set_streaming(streaming);
@@ -361,11 +408,24 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(const Tensor& x_in, con
           // block for the whole step (its products went to the BLAS on every thread) the rows
           // are split across threads: float64's gate math (libm's exp and tanh) at B = 32,
           // H = 256 otherwise took longer on one thread than the products did on two.
+          // A workspace larger than the cache (stream_workspace) is written through a row of
+          // staging in cache, then to memory by non-temporal stores: plain stores first read
+          // each line they fill and push the step's weights out of the cache.
           auto run_rows = [&](int64_t b0, int64_t b1) {
+            std::vector<scalar_t> staging(stream_workspace ? ws_cols : 0);
             for (int64_t b = b0; b < b1; ++b) {
               if (b + 1 < b1 && !fuse_input) prefetch_gates(step.gi + (b + 1) * GH, G, H, ub.n);
-              Cell::template forward_rows<scalar_t>(step, b, b + 1);
+              if (!stream_workspace) {
+                Cell::template forward_rows<scalar_t>(step, b, b + 1);
+                continue;
+              }
+              Cell::template forward_rows<scalar_t>(step.row(b, staging.data() + ub.j0), 0, 1);
+              scalar_t* ws_row = step.ws + b * ws_cols;
+              for (int64_t block = 0; block < Cell::kBlocks; ++block) {
+                stream_values(ws_row + block * H, staging.data() + ub.j0 + block * H, ub.n);
+              }
             }
+            if (stream_workspace) sfence();
           };
           if (n_blocks == 1) {
             at::parallel_for(0, rows, row_grain(G * ub.n), run_rows);
@@ -491,17 +551,18 @@ std::vector<Tensor> layer_backward(const OptTensor& grad_y_in, const OptTensor& 
   // loop below: a clone costs twice an empty tensor's ~0.25 us).
   Tensor dh_state = at::empty({B, Hout}, options);
   Tensor dc_state = Cell::kHasCellState ? at::empty({B, H}, options) : Tensor();
-  Tensor d_gi = at::empty({st.N, GH}, options);
-  Tensor d_gh = Cell::kSeparateHiddenGrad ? at::empty({st.N, GH}, options) : d_gi;
+  // (The large buffers come from the pool of csrc/cpu/scratch.h: no page faults per call.)
+  Tensor d_gi = pooled_empty({st.N, GH}, options);
+  Tensor d_gh = Cell::kSeparateHiddenGrad ? pooled_empty({st.N, GH}, options) : d_gi;
   // Gradient of each step's h (output + state); with a projection it is kept for dW_hr.
-  Tensor dh_all = sz.proj ? at::empty({st.N, Hout}, options) : Tensor();
+  Tensor dh_all = sz.proj ? pooled_empty({st.N, Hout}, options) : Tensor();
   Tensor dh_buf = at::empty({B, sz.proj ? H : Hout}, options);
   const Tensor h0_c = h0.contiguous();
   const Tensor c0_c = Cell::kHasCellState ? c0->contiguous() : Tensor();
   // h_prev of every row, for the GRU's pointwise backward and for dW_hh: with one step, h0.
   const bool need_h_prev = need_grad_weights || Cell::kReadsHPrevInBackward;
   const bool gather = need_h_prev && st.T > 1;
-  const Tensor h_prev_all = gather ? at::empty({st.N, Hout}, options) : h0_c;
+  const Tensor h_prev_all = gather ? pooled_empty({st.N, Hout}, options) : h0_c;
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rnnext_layer_backward", [&] {
     if (gather) {
