@@ -58,7 +58,8 @@ def test_step_gemm_matches_float64(route):
     require_gemm_route(route)
     for m, n, k in itertools.product(ROWS, COLS, DEPTHS):
         a, w, c = operands(m, n, k, seed=m * 1000 + n * 10 + k)
-        for accumulate in (False, True):
+        # W as a transposed view, and row-major (packed from rows: pack()'s other path)
+        for accumulate, w in ((False, w), (True, w), (False, w.contiguous())):
             got = torch.ops.rnnext._step_gemm(a, w, c, route, accumulate)
             padding = torch.empty(0).set_(got.untyped_storage(), 0, (m, n + 5), (n + 5, 1))[:, n:]
             assert bool(padding.isnan().all()), f"{route} m={m} n={n} k={k}: wrote past column n"
@@ -74,12 +75,13 @@ def test_step_gemm_chunk_sized_products(route):
     """Chunk-sized products (the input projection of a chunk of steps: the AVX-512 kernel
     takes up to 4096 rows), multi-threaded over strips, with partial strips and K blocks."""
     require_gemm_route(route)
-    for m, n, k in ((300, 100, 257), (1000, 191, 40), (4096, 49, 3)):
+    for m, n, k in ((300, 100, 257), (1000, 191, 40), (4096, 49, 3), (64, 1000, 600)):
         a, w, c = operands(m, n, k, seed=m)
-        got = torch.ops.rnnext._step_gemm(a, w, c, route, True)
-        exact, bound = reference(a, w, c, True)
-        err = (got.double() - exact).abs()
-        assert bool((err <= bound).all()), f"{route} m={m} n={n} k={k}: {(err / bound).max().item():.2f}x the bound"
+        for w in (w, w.contiguous()):  # packed from either layout, strips split across threads
+            got = torch.ops.rnnext._step_gemm(a, w, c, route, True)
+            exact, bound = reference(a, w, c, True)
+            err = (got.double() - exact).abs()
+            assert bool((err <= bound).all()), f"{route} m={m} n={n} k={k}: {(err / bound).max().item():.2f}x the bound"
 
 
 # The few-row kernels of a weight used once or twice (gemm.h), in float32 and float64: rows

@@ -576,7 +576,7 @@ class StepWeight {
     } else if (std::is_same_v<T, float> && own_kernel != packed_gemm::Kernel::kNone &&
                max_rows <= max_own_gemm_rows(own_kernel)) {
       kernel_ = own_kernel;
-      w_ = at::empty({packed_gemm::packed_size(n_, k_)}, w.options());
+      w_ = pooled_empty({packed_gemm::packed_size(n_, k_)}, w.options());
       packed_gemm::pack(reinterpret_cast<const float*>(w.data_ptr()), n_, k_, w.stride(0), w.stride(1),
                         reinterpret_cast<float*>(w_.data_ptr()));
       own_ = true;
@@ -587,7 +587,7 @@ class StepWeight {
       const auto& mkl = mkl_packed::api();
       const size_t bytes = mkl.get_size(mkl_packed::kBMatrix, static_cast<int>(max_rows), static_cast<int>(n_),
                                         static_cast<int>(k_));
-      w_ = at::empty({static_cast<int64_t>((bytes + sizeof(float) - 1) / sizeof(float))}, w.options());
+      w_ = pooled_empty({static_cast<int64_t>((bytes + sizeof(float) - 1) / sizeof(float))}, w.options());
       // op(B) = W^T [k, n]: the storage itself when W is a transposed view.
       const at::Tensor src = stored_transposed_ ? w.t() : w.contiguous();
       mkl.pack(mkl_packed::kRowMajor, mkl_packed::kBMatrix, stored_transposed_ ? mkl_packed::kNoTrans : mkl_packed::kTrans,

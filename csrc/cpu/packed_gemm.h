@@ -97,22 +97,38 @@ inline int64_t packed_size(int64_t n, int64_t k) { return (n + kNr - 1) / kNr * 
 inline int64_t strip_offset(int64_t p0, int64_t j0, int64_t kc, int64_t n_pad) { return p0 * n_pad + j0 * kc; }
 
 // Packs W (element (j, p) at w[j * s_j + p * s_p]: any strides, so a transposed view packs
-// from its storage) into `out` [packed_size(n, k)].
+// from its storage) into `out` [packed_size(n, k)]. Strips are independent and split across
+// threads. A row-major W (s_p == 1) is read row by row, each row's run of a K block
+// contiguous, and written 16 floats apart within its strip (which stays in L1): reading the
+// 16 rows of a strip element by element instead packed a [4096, 1024] weight in ~5 ms on one
+// Zen 4 thread, 3% of an LSTM T=50, B=64, H=1024 forward, which packs two such weights.
 inline void pack(const float* w, int64_t n, int64_t k, int64_t s_j, int64_t s_p, float* out) {
   const int64_t n_pad = (n + kNr - 1) / kNr * kNr;
-  for (int64_t p0 = 0; p0 < k; p0 += kKc) {
-    const int64_t kc = std::min(kKc, k - p0);
-    for (int64_t j0 = 0; j0 < n_pad; j0 += kNr) {
-      float* strip = out + strip_offset(p0, j0, kc, n_pad);
-      const int64_t cols = std::min(kNr, n - j0);
-      for (int64_t p = 0; p < kc; ++p) {
-        float* dst = strip + p * kNr;
-        const float* src = w + (p0 + p) * s_p + j0 * s_j;
-        for (int64_t jj = 0; jj < cols; ++jj) dst[jj] = src[jj * s_j];
-        for (int64_t jj = cols; jj < kNr; ++jj) dst[jj] = 0.f;
+  at::parallel_for(0, n_pad / kNr, 1, [&](int64_t strip0, int64_t strip1) {
+    for (int64_t p0 = 0; p0 < k; p0 += kKc) {
+      const int64_t kc = std::min(kKc, k - p0);
+      for (int64_t j0 = strip0 * kNr; j0 < strip1 * kNr; j0 += kNr) {
+        float* strip = out + strip_offset(p0, j0, kc, n_pad);
+        const int64_t cols = std::min(kNr, n - j0);
+        if (s_p == 1) {
+          for (int64_t jj = 0; jj < cols; ++jj) {
+            const float* src = w + (j0 + jj) * s_j + p0;
+            for (int64_t p = 0; p < kc; ++p) strip[p * kNr + jj] = src[p];
+          }
+          for (int64_t p = 0; p < kc; ++p) {
+            for (int64_t jj = cols; jj < kNr; ++jj) strip[p * kNr + jj] = 0.f;
+          }
+          continue;
+        }
+        for (int64_t p = 0; p < kc; ++p) {
+          float* dst = strip + p * kNr;
+          const float* src = w + (p0 + p) * s_p + j0 * s_j;
+          for (int64_t jj = 0; jj < cols; ++jj) dst[jj] = src[jj * s_j];
+          for (int64_t jj = cols; jj < kNr; ++jj) dst[jj] = 0.f;
+        }
       }
     }
-  }
+  });
 }
 
 #if RNNEXT_HAVE_PACKED_GEMM

@@ -81,7 +81,7 @@ at::Tensor step_gemm(const at::Tensor& a, const at::Tensor& w, const at::Tensor&
     gemm<float>(false, true, m, n, k, a.data_ptr<float>(), lda, wc.data_ptr<float>(), k, accumulate,
                 out.data_ptr<float>(), ldc);
   } else {
-    at::Tensor packed = at::empty({packed_gemm::packed_size(n, k)}, w.options());
+    at::Tensor packed = pooled_empty({packed_gemm::packed_size(n, k)}, w.options());  // as StepWeight
     packed_gemm::pack(w.data_ptr<float>(), n, k, w.stride(0), w.stride(1), packed.data_ptr<float>());
     packed_gemm::multiply(kernel, m, n, k, a.data_ptr<float>(), lda, packed.data_ptr<float>(), accumulate,
                           out.data_ptr<float>(), ldc);
