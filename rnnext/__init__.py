@@ -11,9 +11,10 @@ from .utils import convert, copy_parameters, from_torch, is_recurrent, to_torch
 
 
 def empty_cache() -> int:
-    """Releases the scratch memory rnnext's CPU ops keep between calls (one buffer of up to
-    32 MiB per calling thread, 128 MiB in all), for every thread; returns the bytes released.
-    Later calls allocate it again as needed."""
+    """Releases the memory rnnext's CPU ops keep between calls: each calling thread's scratch
+    buffer (up to 32 MiB per thread, 128 MiB in all) and the pool of freed training buffers
+    and packed weights (blocks of 4 MiB or more, up to 512 MiB); returns the bytes released.
+    Later calls allocate them again as needed."""
     return _ops._C.empty_cache()
 
 

@@ -324,3 +324,14 @@ def test_layers_with_large_weight_gradients_match_torch(cell):
     with cpu_option("onednn", "0"):
         plain = run(ours, x, hx)
     assert_results_close(plain, first, f"{cell} oneDNN vs at::mm", scale_atol=True)
+
+
+@pytest.mark.parametrize("cell,seq_len", [("LSTM", 26), ("GRU", 32)])
+def test_large_workspace_written_by_streaming_stores_matches_torch(cell, seq_len):
+    """A training workspace of 32 MiB or more (H=1024, 64 rows a step: 20 or 16 KiB a row) is
+    written through an in-cache row and non-temporal stores (layer_loop.h, stream_values),
+    with the units in several blocks: every gradient against torch.nn."""
+    ref, ours = make_pair(cell, 64, 1024, dtype=torch.float32, seed=1)
+    x, hx = make_inputs(ref, with_hx=True, seq_len=seq_len, batch=64)
+    assert seq_len * 64 * (5 if cell == "LSTM" else 4) * 1024 * 4 >= 32 << 20
+    assert_results_close(run(ref, x, hx), run(ours, x, hx), f"{cell} streamed workspace", scale_atol=True)

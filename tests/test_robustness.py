@@ -206,3 +206,22 @@ def test_scratch_is_bounded_across_threads_and_freed_when_they_exit():
     assert rnnext._C.scratch_bytes() == main_thread
     assert all(torch.equal(r, expected) for r in results)
     rnnext.empty_cache()
+
+
+def test_pooled_buffers_are_reused_released_and_results_stay():
+    """Training buffers of 4 MiB or more (the workspace, the gate gradients) come from a pool
+    (csrc/cpu/scratch.h): a second step reuses its blocks (no growth) with the same bits, and
+    rnnext.empty_cache() releases them, the next step unchanged."""
+    from helpers import assert_results_equal, make_inputs, run
+    rnnext.empty_cache()
+    _, model = make_pair("LSTM", 64, 256, dtype=F32, seed=3)
+    x, hx = make_inputs(model, with_hx=True, seq_len=100, batch=32)  # workspace 3200 x 1280 floats
+    first = run(model, x, hx)
+    kept = rnnext._C.scratch_bytes()
+    assert kept >= 3200 * 1280 * 4
+    assert_results_equal(first, run(model, x, hx), what="second step")
+    assert rnnext._C.scratch_bytes() == kept
+    assert rnnext.empty_cache() == kept
+    assert rnnext._C.scratch_bytes() == 0
+    assert_results_equal(first, run(model, x, hx), what="after empty_cache")
+    rnnext.empty_cache()
