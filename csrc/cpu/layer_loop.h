@@ -339,11 +339,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(const Tensor& x_in, con
     const bool streaming = step_weight_bytes >= options::streaming_bytes();
     const bool stream_workspace = need_backward && Cell::kBlocks > 0 && ws.nbytes() >= kStreamWorkspaceBytes;
     for (const UnitBlock& ub : blocks) {
-      w_block.emplace_back(gate_rows(w_hh_c, G, H, ub), B, st.T);
+      w_block.push_back(StepWeight<scalar_t>::of_row_groups(w_hh_c, G, H, ub.j0, ub.n, B, st.T));
       w_block.back().set_streaming(streaming);
       b_block.push_back(gh_bias ? gate_rows(*b_hh, G, H, ub).contiguous() : Tensor());
       if (fuse_input) {
-        w_ih_block.emplace_back(gate_rows(w_ih, G, H, ub), B, st.T);
+        w_ih_block.push_back(StepWeight<scalar_t>::of_row_groups(w_ih, G, H, ub.j0, ub.n, B, st.T));
         w_ih_block.back().set_streaming(streaming);
         b_ih_block.push_back(gi_bias.has_value() ? gate_rows(*gi_bias, G, H, ub).contiguous() : Tensor());
       }

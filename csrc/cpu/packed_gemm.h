@@ -97,13 +97,19 @@ inline int64_t packed_size(int64_t n, int64_t k) { return (n + kNr - 1) / kNr * 
 inline int64_t strip_offset(int64_t p0, int64_t j0, int64_t kc, int64_t n_pad) { return p0 * n_pad + j0 * kc; }
 
 // Packs W (element (j, p) at w[j * s_j + p * s_p]: any strides, so a transposed view packs
-// from its storage) into `out` [packed_size(n, k)]. Strips are independent and split across
-// threads. A row-major W (s_p == 1) is read row by row, each row's run of a K block
-// contiguous, and written 16 floats apart within its strip (which stays in L1): reading the
-// 16 rows of a strip element by element instead packed a [4096, 1024] weight in ~5 ms on one
-// Zen 4 thread, 3% of an LSTM T=50, B=64, H=1024 forward, which packs two such weights.
-inline void pack(const float* w, int64_t n, int64_t k, int64_t s_j, int64_t s_p, float* out) {
+// from its storage) into `out` [packed_size(n, k)]. With group_rows > 0, W's rows come in
+// groups of group_rows, group g starting at w + g * group_stride (a unit block's rows of
+// every gate of W_hh, packed without first copying them together). Strips are independent
+// and split across threads. A row-major W (s_p == 1) is read row by row, each row's run of a
+// K block contiguous, and written 16 floats apart within its strip (which stays in L1):
+// reading the 16 rows of a strip element by element instead packed a [4096, 1024] weight in
+// ~5 ms on one Zen 4 thread, 3% of an LSTM T=50, B=64, H=1024 forward, which packs two.
+inline void pack(const float* w, int64_t n, int64_t k, int64_t s_j, int64_t s_p, float* out, int64_t group_rows = 0,
+                 int64_t group_stride = 0) {
   const int64_t n_pad = (n + kNr - 1) / kNr * kNr;
+  auto row = [&](int64_t j) {
+    return group_rows > 0 ? w + (j / group_rows) * group_stride + (j % group_rows) * s_j : w + j * s_j;
+  };
   at::parallel_for(0, n_pad / kNr, 1, [&](int64_t strip0, int64_t strip1) {
     for (int64_t p0 = 0; p0 < k; p0 += kKc) {
       const int64_t kc = std::min(kKc, k - p0);
@@ -112,19 +118,17 @@ inline void pack(const float* w, int64_t n, int64_t k, int64_t s_j, int64_t s_p,
         const int64_t cols = std::min(kNr, n - j0);
         if (s_p == 1) {
           for (int64_t jj = 0; jj < cols; ++jj) {
-            const float* src = w + (j0 + jj) * s_j + p0;
+            const float* src = row(j0 + jj) + p0;
             for (int64_t p = 0; p < kc; ++p) strip[p * kNr + jj] = src[p];
           }
+        } else {
+          // (a transposed view: a strip's 16 values of one p are contiguous when s_j == 1)
           for (int64_t p = 0; p < kc; ++p) {
-            for (int64_t jj = cols; jj < kNr; ++jj) strip[p * kNr + jj] = 0.f;
+            for (int64_t jj = 0; jj < cols; ++jj) strip[p * kNr + jj] = row(j0 + jj)[(p0 + p) * s_p];
           }
-          continue;
         }
         for (int64_t p = 0; p < kc; ++p) {
-          float* dst = strip + p * kNr;
-          const float* src = w + (p0 + p) * s_p + j0 * s_j;
-          for (int64_t jj = 0; jj < cols; ++jj) dst[jj] = src[jj * s_j];
-          for (int64_t jj = cols; jj < kNr; ++jj) dst[jj] = 0.f;
+          for (int64_t jj = cols; jj < kNr; ++jj) strip[p * kNr + jj] = 0.f;
         }
       }
     }
