@@ -117,9 +117,8 @@ struct LayerBackward final : public Node {
       const at::AutoDispatchBelowADInplaceOrView below_autograd;
       const bool need_x = needs[kX];
       const bool need_weights = needs[kWih] || needs[kWhh] || needs[kBih] || needs[kBhh] || needs[kWhr];
-      const std::string op_name = std::string("rnnext::") + kCellNames[cell_] + "_layer_backward";
       if (is_lstm) {
-        static const auto op = typed_op<LstmBackward>(op_name);
+        static const auto op = typed_op<LstmBackward>("rnnext::lstm_layer_backward");
         auto r = op.call(grad_y, grad_h_n, grad_c_n, s[kX], s[kWih], s[kWhh], defined_or_none(s[kWhr]),
                          defined_or_none(s[kBatchSizes]), reverse_, has_bias, s[kY], s[kWs], s[kH0], s[kC0], need_x,
                          need_weights, needs[kH0]);

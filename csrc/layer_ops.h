@@ -41,10 +41,9 @@ struct AtenTransposedProduct {
 // the cell's two sides agree), x [N, I], h_prev [N, Hout]; with a projection dh [N, Hout]
 // (the gradient of each step's h) and r [N, H] (its input, o * tanh(c)). Returns
 // {w_ih, w_hh, b_ih, b_hh, w_hr}.
-template <class TransposedProduct = AtenTransposedProduct>
+template <class Product = AtenTransposedProduct>
 std::vector<Tensor> weight_grads(const Tensor& d_gi, const Tensor& d_gh, const Tensor& x, const Tensor& h_prev,
-                                 bool has_bias, const OptTensor& dh, const OptTensor& r,
-                                 const TransposedProduct& d_t_times = {}) {
+                                 bool has_bias, const OptTensor& dh, const OptTensor& r, const Product& d_t_times = {}) {
   std::vector<Tensor> g(5);
   g[0] = d_t_times(d_gi, x);
   g[1] = d_t_times(d_gh, h_prev);
