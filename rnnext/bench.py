@@ -2,11 +2,11 @@
 behind ``python -m rnnext bench`` and benchmarks/run.py.
 
 Each row times the same model (same weights, same input) in rnnext and in torch.nn, in the
-same process, interleaved (ours, torch, ours, torch, ...), and reports medians. "fwd" is
-inference (eval mode, no grad); "train" is forward + backward of a loss over the output and
-the final states. The floor is the time of the row's GEMMs alone (same shapes and counts),
-each on the fastest GEMM found here (torch.mm, i.e. MKL/OpenBLAS, or oneDNN with a prepacked
-weight); "of floor" is floor / rnnext time. "saved MiB" is what autograd keeps between forward
+same process, interleaved (ours, torch, floor, ours, torch, floor, ...), and reports medians.
+"fwd" is inference (eval mode, no grad); "train" is forward + backward of a loss over the
+output and the final states. The floor is the time of the row's GEMMs alone (same shapes and
+counts), each on the fastest GEMM found here (torch.mm, i.e. MKL/OpenBLAS, or oneDNN with a
+prepacked weight), timed in the same rounds as the pair; "of floor" is floor / rnnext time. "saved MiB" is what autograd keeps between forward
 and backward (unique storages packed by saved-tensor hooks), torch.nn vs rnnext.
 
 On a CUDA device the same code runs with the models and inputs moved there (weights and inputs
@@ -204,19 +204,22 @@ def _time_once(fn: Callable[[], None], number: int, device="cpu") -> float:
     return (time.perf_counter() - start) / number
 
 
-def time_pair(fn_a, fn_b, repeats: int, min_seconds: float = 0.05, device="cpu") -> Tuple[float, float]:
-    """Median seconds per call of fn_a and fn_b (both running on `device`), measured alternately."""
+def time_alternately(fns: List[Callable[[], None]], repeats: int, min_seconds: float = 0.05,
+                     device="cpu") -> List[float]:
+    """Median seconds per call of each of fns (all running on `device`), measured in turn
+    (a, b, c, a, b, c, ...), so that a machine's drift over the run reaches all of them alike."""
     # Warm-up (allocator, caches, weight packing; on CUDA also cuDNN's plans and lazy module loads).
     for _ in range(1 if torch.device(device).type == "cpu" else 3):
-        fn_a(), fn_b()
+        for fn in fns:
+            fn()
     _synchronize(device)
-    est = max(_time_once(fn_a, 1, device), _time_once(fn_b, 1, device), 1e-6)
+    est = max(max(_time_once(fn, 1, device) for fn in fns), 1e-6)
     number = max(1, int(min_seconds / est))
-    a, b = [], []
+    times: List[List[float]] = [[] for _ in fns]
     for _ in range(repeats):
-        a.append(_time_once(fn_a, number, device))
-        b.append(_time_once(fn_b, number, device))
-    return statistics.median(a), statistics.median(b)
+        for fn, t in zip(fns, times):
+            t.append(_time_once(fn, number, device))
+    return [statistics.median(t) for t in times]
 
 
 # ---------------------------------------------------------------- GEMM floor
@@ -253,19 +256,13 @@ def _gemm_list(row: Row, mode: str) -> Dict[Tuple[int, int, int], int]:
     return gemms
 
 
-_GEMM_CACHE: Dict[tuple, float] = {}
-
-
-def _fastest_gemm_seconds(m: int, n: int, k: int, count: int, device="cpu",
-                          dtype: torch.dtype = torch.float32) -> float:
-    """Seconds for `count` products [m, k] x [k, n] on `device` in `dtype`, on the fastest route
-    measured there: a loop of torch.mm (MKL/OpenBLAS on the CPU, cuBLAS on CUDA), one batched
-    torch.bmm over all `count` (which leaves out Python's per-call cost for small products),
-    and on the CPU a loop of oneDNN linear with a prepacked weight."""
+def _fastest_gemm(m: int, n: int, k: int, count: int, device="cpu",
+                  dtype: torch.dtype = torch.float32) -> Callable[[], None]:
+    """A function doing `count` products [m, k] x [k, n] on `device` in `dtype`, on the fastest
+    route measured there: a loop of torch.mm (MKL/OpenBLAS on the CPU, cuBLAS on CUDA), one
+    batched torch.bmm over all `count` (which leaves out Python's per-call cost for small
+    products), and on the CPU a loop of oneDNN linear with a prepacked weight."""
     device = torch.device(device)
-    key = (m, n, k, count, str(device), dtype)
-    if key in _GEMM_CACHE:
-        return _GEMM_CACHE[key]
     factory = dict(device=device, dtype=dtype)
     a = torch.randn(m, k, **factory)
     w = torch.randn(n, k, **factory)  # as a Linear weight: [m, k] x [k, n] = a @ w^T
@@ -284,20 +281,28 @@ def _fastest_gemm_seconds(m: int, n: int, k: int, count: int, device="cpu",
                                        for _ in range(count)])
         except (RuntimeError, AttributeError):
             pass
-    best = math.inf
+    best, best_fn = math.inf, candidates[0]
     for fn in candidates:
         fn()
         _synchronize(device)
         est = max(_time_once(fn, 1, device), 1e-7)
         number = max(1, int(0.02 / est))
-        best = min(best, statistics.median(_time_once(fn, number, device) for _ in range(5)))
-    _GEMM_CACHE[key] = best
-    return best
+        seconds = statistics.median(_time_once(fn, number, device) for _ in range(5))
+        if seconds < best:
+            best, best_fn = seconds, fn
+    return best_fn
 
 
-def floor_seconds(row: Row, mode: str, device="cpu") -> float:
-    return sum(_fastest_gemm_seconds(*shape, count, device, row.dtype)
-               for shape, count in _gemm_list(row, mode).items())
+def floor_fn(gemms: Dict[Tuple[int, int, int], int], device="cpu",
+             dtype: torch.dtype = torch.float32) -> Callable[[], None]:
+    """A function running the GEMMs {(m, n, k): count} each on its fastest route (_fastest_gemm):
+    timed with the pair it is the floor of."""
+    fns = [_fastest_gemm(*shape, count, device, dtype) for shape, count in gemms.items()]
+
+    def run():
+        for fn in fns:
+            fn()
+    return run
 
 
 # ---------------------------------------------------------------- step-at-a-time rows
@@ -420,11 +425,10 @@ def run_steps(rows: List[StepRow], modes=("fwd", "train"), repeats: int = 7,
     jobs = [(row, mode) for row in rows for mode in modes if mode == "fwd" or row.decode == 1]
     for i, (row, mode) in enumerate(jobs):
         ref, ours = _step_models(row, device)
-        t_ours, t_torch = time_pair(_step_call_fn(ours, row, mode), _step_call_fn(ref, row, mode), repeats,
-                                    device=device)
-        floor = sum(_fastest_gemm_seconds(*shape, count, device, row.dtype)
-                    for shape, count in _step_gemm_list(row, mode).items())
-        res = Result(row.name(), mode, t_torch * 1e3, t_ours * 1e3, floor * 1e3)
+        floor = floor_fn(_step_gemm_list(row, mode), device, row.dtype)
+        t_ours, t_torch, t_floor = time_alternately(
+            [_step_call_fn(ours, row, mode), _step_call_fn(ref, row, mode), floor], repeats, device=device)
+        res = Result(row.name(), mode, t_torch * 1e3, t_ours * 1e3, t_floor * 1e3)
         results.append(res)
         progress(f"[{i + 1}/{len(jobs)}] {res.row:<34} {mode:<5} torch {res.torch_ms * 1e3:9.1f} us"
                  f"  rnnext {res.rnnext_ms * 1e3:9.1f} us  x{res.speedup:5.2f}")
@@ -439,11 +443,12 @@ def run(rows: List[Row], modes=("fwd", "train"), repeats: int = 7,
     for i, row in enumerate(rows):
         for j, mode in enumerate(modes):
             ref, ours = _models(row, device)
-            t_ours, t_torch = time_pair(_step_fn(ours, row, mode), _step_fn(ref, row, mode), repeats,
-                                        device=device)
+            floor = floor_fn(_gemm_list(row, mode), device, row.dtype)
+            t_ours, t_torch, t_floor = time_alternately(
+                [_step_fn(ours, row, mode), _step_fn(ref, row, mode), floor], repeats, device=device)
+            del floor
             saved = (_saved_mib(ref, row), _saved_mib(ours, row)) if mode == "train" else (None, None)
-            res = Result(row.name(), mode, t_torch * 1e3, t_ours * 1e3,
-                         floor_seconds(row, mode, device) * 1e3, saved[0], saved[1])
+            res = Result(row.name(), mode, t_torch * 1e3, t_ours * 1e3, t_floor * 1e3, saved[0], saved[1])
             results.append(res)
             progress(f"[{i * len(modes) + j + 1}/{total}] {res.row:<34} {mode:<5} torch {res.torch_ms:9.2f} ms"
                      f"  rnnext {res.rnnext_ms:9.2f} ms  x{res.speedup:5.2f}")

@@ -12,8 +12,9 @@ AVX-512 kernel, the AVX2 kernel and the BLAS (the library's sgemm).
   same bits run to run and with the product split across 1 or 2 threads.
 * Layers through each route (rnnext._C.cpu_option("own_gemm", route) switches it) match
   torch.nn.
-* The few-row kernels (small_nt, small_nn, small_tn) and the large weight gradients' oneDNN
-  route (onednn_tn) likewise, on _step_gemm and in layers.
+* The few-row kernels (small_nt, small_nn, small_tn) and the weight gradients' oneDNN route
+  (onednn_tn) likewise, on _step_gemm and in layers; the backward's oneDNN products counted
+  in layers on either side of their size threshold.
 
 A route this CPU lacks is skipped with the reason (absent hardware: AVX-512 or AVX2).
 """
@@ -266,18 +267,21 @@ def test_step_gemm_checks_its_arguments():
 
 
 
-# The large weight gradients' oneDNN route (gemm.h, TransposedProduct: d^T @ x as oneDNN's
-# x @ W^T on a tiled transpose of each side), forced at any size: sizes that end both
-# transposes' tiles part-way (not multiples of 16) and the smallest ones.
+# The weight gradients' oneDNN route (gemm.h, TransposedProduct: d^T @ x as oneDNN's matmul
+# on d^T as it lies in d's storage, and x with rows wider than its columns), forced at any
+# size: sizes off oneDNN's block multiples, and the smallest ones.
 ONEDNN_TN = ((1, 1, 1), (17, 33, 5), (100, 49, 300), (2049, 515, 1030))
+
+LINEAR, MATMUL = "mkldnn::_linear_pointwise", "rnnext::onednn_matmul"
 
 
 def _onednn_calls(fn):
-    """fn's result, and how many oneDNN GEMMs (mkldnn::_linear_pointwise) it ran."""
+    """fn's result, and {name: calls} of the oneDNN products it ran: oneDNN linear with a
+    prepacked weight (MkldnnLinear, grad_x on AVX2 CPUs) and rnnext's oneDNN matmul."""
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         result = fn()
-    return result, sum(e.name == "mkldnn::_linear_pointwise" for e in prof.events())
+    return result, {name: sum(e.name == name for e in prof.events()) for name in (LINEAR, MATMUL)}
 
 
 def _has_avx512():
@@ -288,14 +292,20 @@ def _has_avx512():
     return True
 
 
+def _matmul_route():
+    """oneDNN's matmul takes float32 products here: an AVX-512 CPU (the AVX-512 CPUs we run
+    on all have BW/VL/DQ too), a torch with oneDNN, and the route not turned off."""
+    return _has_avx512() and torch.backends.mkldnn.is_available() and _C.cpu_option("onednn") == "1"
+
+
 def test_onednn_weight_gradient_route_matches_float64():
     for m, n, k in ONEDNN_TN:
         a, w, c = operands(m, n, k, seed=m + n + k)
         for accumulate in (False, True):
             got, calls = _onednn_calls(lambda: torch.ops.rnnext._step_gemm(a, w, c, "onednn_tn", accumulate))
-            # oneDNN ships with every torch CPU build rnnext supports; where a build lacks it
-            # the route falls back to at::mm, which must be right too.
-            assert calls == int(torch.backends.mkldnn.is_available()), (m, n, k)
+            # Where oneDNN's matmul does not take float32 (AVX2 CPUs) the route is at::mm,
+            # which must be right too.
+            assert calls == {LINEAR: 0, MATMUL: int(_matmul_route())}, (m, n, k)
             exact, bound = reference(a, w, c, accumulate)
             err = (got.double() - exact).abs()
             assert bool((err <= 2 * bound).all()), f"m={m} n={n} k={k}: {(err / bound).max().item():.2f}x the bound"
@@ -310,20 +320,40 @@ def test_onednn_weight_gradient_route_same_bits_run_to_run():
 
 @pytest.mark.parametrize("cell", ("LSTM", "GRU"))
 def test_layers_with_large_weight_gradients_match_torch(cell):
-    """A layer large enough for the oneDNN weight-gradient route on an AVX-512 CPU (4H or 3H
-    >= 2048 gate columns, 1024 rows; elsewhere it keeps at::mm): every gradient against
-    torch.nn, the same bits run to run, and close to the at::mm route (oneDNN off)."""
+    """A layer whose backward products are large enough for oneDNN (gemm.h): on an AVX-512
+    CPU grad_x, dW_ih and dW_hh through oneDNN's matmul, on an AVX2 CPU grad_x through
+    oneDNN linear and the weight gradients through at::mm. Every gradient against torch.nn,
+    the same bits run to run, and close to the routes with oneDNN off (at::mm)."""
     hidden = 512 if cell == "LSTM" else 683  # 2048 and 2049 gate columns
     ref, ours = make_pair(cell, 520, hidden, dtype=torch.float32, seed=2)
     x, hx = make_inputs(ref, with_hx=True, seq_len=16, batch=64)
     first, calls = _onednn_calls(lambda: run(ours, x, hx))
     if torch.backends.mkldnn.is_available() and _C.cpu_option("onednn") == "1":
-        assert calls == 1 + (2 if _has_avx512() else 0)  # grad_x, then dW_ih and dW_hh
+        matmul = _matmul_route()
+        assert calls == {LINEAR: 0 if matmul else 1, MATMUL: 3 if matmul else 0}
     assert_results_close(run(ref, x, hx), first, f"{cell} large", scale_atol=True)
     assert_results_equal(first, run(ours, x, hx), what=f"{cell} run to run")
     with cpu_option("onednn", "0"):
-        plain = run(ours, x, hx)
+        plain, calls = _onednn_calls(lambda: run(ours, x, hx))
+    assert calls == {LINEAR: 0, MATMUL: 0}
     assert_results_close(plain, first, f"{cell} oneDNN vs at::mm", scale_atol=True)
+
+
+@pytest.mark.parametrize("cell", ("LSTM", "GRU", "RNN_TANH"))
+def test_layers_at_the_matmul_threshold_match_torch(cell):
+    """Backward products on either side of OneDnnMatmul::kMinWork (2^22 multiply-adds): a
+    sequence whose grad_x and weight gradients just reach it and one just short of it (at::mm),
+    each against torch.nn, the calls counted."""
+    gates = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1}[cell]
+    hidden, inp, batch = 64, 64, 16
+    work_per_row = gates * hidden * inp  # grad_x's and each weight gradient's multiply-adds per row
+    for seq_len in (-(-(1 << 22) // (work_per_row * batch)), (1 << 22) // (work_per_row * batch) - 1):
+        ref, ours = make_pair(cell, inp, hidden, dtype=torch.float32, seed=seq_len)
+        x, hx = make_inputs(ref, with_hx=True, seq_len=seq_len, batch=batch)
+        got, calls = _onednn_calls(lambda: run(ours, x, hx))
+        reached = seq_len * batch * work_per_row >= 1 << 22
+        assert calls[MATMUL] == (3 if reached and _matmul_route() else 0), (seq_len, calls)
+        assert_results_close(run(ref, x, hx), got, f"{cell} T={seq_len}", scale_atol=True)
 
 
 @pytest.mark.parametrize("cell,seq_len", [("LSTM", 26), ("GRU", 32)])

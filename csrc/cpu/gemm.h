@@ -16,16 +16,21 @@
 //    our few-row kernels read it as it is (small_gemm_nt) or, for W^T, its storage
 //    (small_gemm_nn), up to the rows measured faster than the BLAS (unpacked_nn_rows);
 //    else plain BLAS.
+//  * OneDnnMatmul: a @ b through oneDNN's matmul primitive, each operand read as it is
+//    (no transposed copy, no reorder), for backward's one-shot products of float32 layers
+//    (grad_x, and the weight gradients: TransposedProduct) on CPUs where oneDNN takes
+//    float32 matmuls (AVX-512).
 //  * OneDnnLinear: x @ W^T through oneDNN (torch's mkldnn::_linear_pointwise) with W
-//    prepacked once per op call, for the one-shot grad of x in backward and (AVX-512, large
-//    float32 layers: TransposedProduct) its weight gradients; each call costs ~15 us, so only
-//    large float32 products take this route.
+//    prepacked once per op call, for grad_x where OneDnnMatmul does not route (AVX2 CPUs);
+//    each call costs ~15 us, so only large float32 products take this route.
 #pragma once
 
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/record_function.h>
 #include <dlfcn.h>
 
+#include <atomic>
 #include <climits>
 #include <cstdlib>
 #include <cstring>
@@ -49,6 +54,15 @@
 #else
 #define RNNEXT_ALWAYS_INLINE inline
 #endif
+
+namespace at {
+namespace native {
+// oneDNN's matmul (ATen/native/mkldnn/Matmul.cpp): result = beta * result + alpha * mat1 @ mat2.
+// Exported by libtorch_cpu with this signature in every torch rnnext supports (checked 2.4.1,
+// 2.13.0, 2.14.1; a build without oneDNN defines it to throw), not in the installed headers.
+void mkldnn_matmul(const Tensor& mat1, const Tensor& mat2, const Tensor& result, float beta, float alpha);
+}  // namespace native
+}  // namespace at
 
 namespace rnnext {
 namespace cpu {
@@ -705,15 +719,14 @@ class StepWeight {
   bool own_ = false, small_ = false, packed_ = false, streaming_ = false;
 };
 
-// y = x @ W^T through oneDNN, W [n, k] prepacked at construction. Usable only when
-// available() (float32, a torch build with the mkldnn ops); callers keep the BLAS route.
+// y = x @ W^T through oneDNN, W [n, k] prepacked at construction: grad_x's route where
+// OneDnnMatmul does not take float32 (AVX2 CPUs). Usable only when available() (float32, a
+// torch build with the mkldnn ops); callers keep the BLAS route.
 class OneDnnLinear {
  public:
   // Products of at least kMinWork multiply-adds per call go to oneDNN, where its speed pays
-  // for its call cost; above kMaxWork (one-shot products of several GFLOP, e.g. the input
-  // projection of a large layer) the BLAS measured faster on the AVX2 machines we bench,
-  // but not on an AVX-512 machine (Zen 4, 2 threads, [3200, 4096] x [4096, 1024]: oneDNN
-  // 194-198 GFLOP/s, MKL, which runs its Zen kernels there, 154-172).
+  // for its call cost; above kMaxWork (one-shot products of several GFLOP) the BLAS
+  // measured faster on the AVX2 machines we bench.
   static constexpr int64_t kMinWork = int64_t(1) << 22;
   static constexpr int64_t kMaxWork = int64_t(1) << 32;
 
@@ -721,13 +734,10 @@ class OneDnnLinear {
   // training step (B = 32, H = 256) spent ~1 ms in it, three times torch.nn's whole step.
   static constexpr int64_t kMinRows = 512;
 
-  // rows_for_work < 0: at any size (a test's forced route).
   OneDnnLinear(const at::Tensor& w, int64_t batch_hint, int64_t rows_for_work) {
     const int64_t work = rows_for_work * w.size(0) * w.size(1);
-    const bool avx512 = packed_gemm::cpu_supports(packed_gemm::Kernel::kAvx512);
-    const bool any_size = rows_for_work < 0;
-    if (w.scalar_type() != at::kFloat || !enabled() ||
-        (!any_size && (rows_for_work < kMinRows || work < kMinWork || (work > kMaxWork && !avx512)))) {
+    if (w.scalar_type() != at::kFloat || !enabled() || rows_for_work < kMinRows || work < kMinWork ||
+        work > kMaxWork) {
       return;
     }
     static const auto reorder = c10::Dispatcher::singleton().findOp({"mkldnn::_reorder_linear_weight", ""});
@@ -762,41 +772,74 @@ class OneDnnLinear {
   std::optional<c10::OperatorHandle> linear_;
 };
 
-// d^T @ in [m, n] for the weight gradients of a long sequence, d [N, m] and in [N, n] with
-// contiguous rows (weight_grads in ../layer_ops.h). On an AVX-512 CPU, float32 products of
-// m >= 2048 and n >= 512 over N >= 1024 rows go through oneDNN, whose GEMM measured 12-20 %
-// faster than MKL's sgemm there (Zen 4, two threads: [4096, 3200] x [3200, 1024] 131 vs
-// 154 ms). It takes d^T with contiguous rows, made by transposed() once per d and shared by
-// the products of the same d (dW_ih and dW_hh where the cell's two sides agree), and in^T as
-// its prepacked weight. With both transposes counted the route measured 1.02-1.13x over MKL
-// at those sizes and 0.6-0.97x below them (the transpose of d then costs more than the
-// GEMM gains). Elsewhere, and on AVX2 CPUs (not measured there), at::mm.
-class TransposedProduct {
+// a @ b [m, n] through oneDNN's matmul primitive: at::native::mkldnn_matmul (declared at the
+// top of this file), the function at::mm itself runs for bfloat16. It reads each operand as it
+// is when its rows or its columns are contiguous, so d^T of a contiguous d (the weight
+// gradients' d^T @ in) needs no transposed copy, and a weight no reorder per call. Measured
+// on Zen 4 (AVX-512, two threads), against at::mm (MKL, its Zen kernels): as fast or faster
+// from [64, 1024] x [1024, 256] up, 1.07-1.33x on the backward's products of large layers
+// ([3200, 4096]^T x [3200, 1024] 135 vs 153 ms; [3200, 4096] x [4096, 1024] 130 vs 155 ms,
+// and 144 ms by OneDnnLinear with its reorder of W^T).
+// Only float32 on CPUs where torch's oneDNN takes float32 matmuls (AVX-512 BW/VL/DQ; it
+// refuses them elsewhere, e.g. on AVX2-only CPUs, which keep at::mm and OneDnnLinear), and
+// products of at least kMinWork multiply-adds. A call that fails (a torch build whose
+// oneDNN refuses) turns the route off for the process and takes at::mm. Under
+// torch.backends.mkldnn's reduced float32 matmul precision (bf16) oneDNN computes as at::mm
+// then does, in that precision. Visible to the profiler as "rnnext::onednn_matmul".
+class OneDnnMatmul {
  public:
-  // force_onednn: oneDNN at any size and on any CPU (tests: rnnext::_step_gemm's "onednn_tn").
-  explicit TransposedProduct(bool force_onednn = false) : force_onednn_(force_onednn) {}
+  static constexpr int64_t kMinWork = int64_t(1) << 22;
 
-  static bool onednn_route(const at::Tensor& d, const at::Tensor& in) {
-    return d.scalar_type() == at::kFloat && d.size(0) >= kMinRows && d.size(1) >= kMinOutRows &&
-           in.size(1) >= kMinOutCols && packed_gemm::cpu_supports(packed_gemm::Kernel::kAvx512) &&
-           OneDnnLinear::enabled();
+  // a @ b takes this route; any_size: at any size (the tests' forced route).
+  static bool route(const at::Tensor& a, const at::Tensor& b, bool any_size = false) {
+    return a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat && cpu_takes_float32() &&
+           OneDnnLinear::enabled() && !failed() &&
+           (any_size || a.size(0) * a.size(1) * b.size(1) >= kMinWork);
   }
 
-  at::Tensor operator()(const at::Tensor& d, const at::Tensor& in) const {
-    if (!(force_onednn_ || onednn_route(d, in))) return at::mm(d.t(), in);
-    if (!d_.is_same(d)) {
-      d_ = d;
-      d_t_ = transposed(d);
+  // a [m, k], b [k, n] -> a new [m, n] tensor (route(a, b) checked by the caller).
+  static at::Tensor multiply(const at::Tensor& a, const at::Tensor& b) {
+    at::Tensor out = at::empty({a.size(0), b.size(1)}, a.options());
+    try {
+      RECORD_FUNCTION("rnnext::onednn_matmul", std::vector<c10::IValue>());
+      at::native::mkldnn_matmul(a, b, out, /*beta=*/0.f, /*alpha=*/1.f);
+    } catch (const c10::Error&) {
+      failed() = true;
+      return at::mm(a, b);
     }
-    const OneDnnLinear linear(transposed(in), d.size(1), force_onednn_ ? -1 : d.size(1));
-    return linear.available() ? linear(d_t_) : at::mm(d.t(), in);
+    return out;
   }
-
-  static constexpr int64_t kMinRows = 1024, kMinOutRows = 2048, kMinOutCols = 512;
 
  private:
-  bool force_onednn_;
-  mutable at::Tensor d_, d_t_;  // the last d and its transpose
+  static bool cpu_takes_float32() {
+#if defined(__x86_64__) && defined(__GNUC__)
+    static const bool ok = __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+                           __builtin_cpu_supports("avx512dq");
+    return ok;
+#else
+    return false;
+#endif
+  }
+  static std::atomic<bool>& failed() {
+    static std::atomic<bool> flag{false};
+    return flag;
+  }
+};
+
+// d^T @ in [m, n] for the weight gradients (weight_grads in ../layer_ops.h), d [N, m] and
+// in [N, n] with contiguous rows: OneDnnMatmul where it routes, else at::mm.
+class TransposedProduct {
+ public:
+  // any_size: oneDNN at any size (tests: rnnext::_step_gemm's "onednn_tn").
+  explicit TransposedProduct(bool any_size = false) : any_size_(any_size) {}
+
+  at::Tensor operator()(const at::Tensor& d, const at::Tensor& in) const {
+    const at::Tensor d_t = d.t();
+    return OneDnnMatmul::route(d_t, in, any_size_) ? OneDnnMatmul::multiply(d_t, in) : at::mm(d_t, in);
+  }
+
+ private:
+  bool any_size_;
 };
 
 }  // namespace cpu

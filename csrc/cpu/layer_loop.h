@@ -630,6 +630,8 @@ std::vector<Tensor> layer_backward(const OptTensor& grad_y_in, const OptTensor& 
         grad_x = at::empty(x_in.sizes(), options);
         small_gemm_nn<scalar_t>(st.N, sz.I, GH, d_gi.data_ptr<scalar_t>(), GH, w_ih.data_ptr<scalar_t>(), sz.I,
                                 false, grad_x.data_ptr<scalar_t>(), sz.I);
+      } else if (OneDnnMatmul::route(d_gi, w_ih)) {
+        grad_x = OneDnnMatmul::multiply(d_gi, w_ih).view(x_in.sizes());
       } else {
         const OneDnnLinear input_linear(w_ih.t(), st.N, st.N);
         grad_x = (input_linear.available() ? input_linear(d_gi) : at::mm(d_gi, w_ih)).view(x_in.sizes());

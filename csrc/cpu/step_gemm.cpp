@@ -66,12 +66,12 @@ at::Tensor step_gemm(const at::Tensor& a, const at::Tensor& w, const at::Tensor&
   TORCH_CHECK(a.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat && c.scalar_type() == at::kFloat,
               "rnnext::_step_gemm: float32 only");
   if (name == "onednn_tn") {
-    // the large weight gradients' oneDNN route (TransposedProduct), forced at any size: as
-    // D^T @ X with D = a^T [k, m] and X = w^T [k, n], X's rows 3 apart wider than n (as the
-    // workspace's r is), so both transposes see a leading dimension other than their width
+    // the weight gradients' oneDNN route (TransposedProduct: OneDnnMatmul on d^T), at any
+    // size where this CPU has it (elsewhere at::mm): as D^T @ X with D = a^T [k, m] and
+    // X = w^T [k, n], X's rows 3 apart wider than n (as the workspace's r is)
     const at::Tensor d = a.t().contiguous();
     const at::Tensor x = at::empty({k, n + 3}, w.options()).narrow(1, 0, n).copy_(w.t());
-    at::Tensor product = TransposedProduct(/*force_onednn=*/true)(d, x);
+    at::Tensor product = TransposedProduct(/*any_size=*/true)(d, x);
     out.copy_(accumulate ? product + c : product);
     return out;
   }
