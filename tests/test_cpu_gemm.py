@@ -85,6 +85,35 @@ def test_step_gemm_chunk_sized_products(route):
             assert bool((err <= bound).all()), f"{route} m={m} n={n} k={k}: {(err / bound).max().item():.2f}x the bound"
 
 
+@pytest.mark.parametrize("route", ROUTES)
+def test_step_gemm_bias_as_stored_tile_matches_a_copied_bias(route):
+    """A bias added as each tile is stored (StepWeight::multiply_bias on our kernels; the BLAS
+    route copies it into C first) gives the bits of C started from the bias and accumulated,
+    in whole strips, lane-masked and buffered partial strips and second K blocks, and writes
+    nothing past column n."""
+    require_gemm_route(route)
+    for m, n, k in itertools.product((1, 3, 4, 7, 9, 10, 64), (1, 15, 16, 17, 48, 49, 100), (1, 256, 257)):
+        a, w, _ = operands(m, n, k, seed=m * 1000 + n * 10 + k)
+        bias = torch.randn(n, generator=torch.Generator().manual_seed(n))
+        got = torch.ops.rnnext._step_gemm(a, w, torch.zeros(m, n), route, False, bias)
+        padding = torch.empty(0).set_(got.untyped_storage(), 0, (m, n + 5), (n + 5, 1))[:, n:]
+        assert bool(padding.isnan().all()), f"{route} m={m} n={n} k={k}: wrote past column n"
+        started = torch.ops.rnnext._step_gemm(a, w, bias.expand(m, n).contiguous(), route, True)
+        assert torch.equal(got, started), f"{route} m={m} n={n} k={k}"
+        exact, bound = reference(a, w, bias.expand(m, n), True)
+        assert bool(((got.double() - exact).abs() <= bound).all()), f"{route} m={m} n={n} k={k}"
+
+
+def test_step_gemm_bias_checked():
+    a, w, c = operands(2, 3, 4, seed=0)
+    with pytest.raises(RuntimeError, match="bias"):
+        torch.ops.rnnext._step_gemm(a, w, c, "blas", True, torch.zeros(3))  # with accumulate
+    with pytest.raises(RuntimeError, match="bias"):
+        torch.ops.rnnext._step_gemm(a, w, c, "blas", False, torch.zeros(4))  # not [n]
+    with pytest.raises(RuntimeError, match="bias"):
+        torch.ops.rnnext._step_gemm(a, w, c, "small_nt", False, torch.zeros(3))  # not a per-step route
+
+
 # The few-row kernels of a weight used once or twice (gemm.h), in float32 and float64: rows
 # reaching every row group (4 at a time, then 3, 2, 1) up to the BLAS hand-over (32 rows), W's
 # rows in groups of 4 and alone (small_gemm_nt, and small_gemm_tn, the weight gradients'

@@ -674,7 +674,14 @@ class StepWeight {
   }
 
   // C[rows, n] = bias (every row) + A @ W^T, or A @ W^T without a bias: bias [n] or nullptr.
+  // Our packed GEMM adds the bias as it stores each tile; the other routes start C from it.
   void multiply_bias(int64_t rows, const T* a, int64_t lda, const T* bias, T* c, int64_t ldc) const {
+    if constexpr (std::is_same_v<T, float>) {
+      if (own_) {
+        packed_gemm::multiply(kernel_, rows, n_, k_, a, lda, w_.data_ptr<float>(), false, c, ldc, streaming_, bias);
+        return;
+      }
+    }
     if (bias) {
       for (int64_t b = 0; b < rows; ++b) copy_values(c + b * ldc, bias, n_);
     }

@@ -136,11 +136,13 @@ inline void pack(const float* w, int64_t n, int64_t k, int64_t s_j, int64_t s_p,
 }
 
 #if RNNEXT_HAVE_PACKED_GEMM
-// C[R, 16] = (add ? C : 0) + A[R, kc] @ strip[kc, 16]; rows of A at stride lda.
+// C[R, 16] = (add ? C : bias ? bias : 0) + A[R, kc] @ strip[kc, 16]; rows of A at stride lda;
+// bias: 16 values added to every row (or nullptr).
 template <int R>
 RNNEXT_AVX2 __attribute__((always_inline)) inline void micro_kernel(int64_t kc, const float* a, int64_t lda,
                                                                     const float* strip, float* c, int64_t ldc,
-                                                                    bool add, const float* prefetch) {
+                                                                    bool add, const float* bias,
+                                                                    const float* prefetch) {
   static_assert(R >= 1 && R <= kMr, "rows per micro-kernel");
   __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00, c31 = c00,
          c40 = c00, c41 = c00, c50 = c00, c51 = c00;
@@ -160,9 +162,10 @@ RNNEXT_AVX2 __attribute__((always_inline)) inline void micro_kernel(int64_t kc, 
 #define RNNEXT_STORE_ROW(r)                                                          \
   if constexpr (R > r) {                                                             \
     float* cr = c + r * ldc;                                                         \
-    if (add) {                                                                       \
-      c##r##0 = _mm256_add_ps(_mm256_loadu_ps(cr), c##r##0);                         \
-      c##r##1 = _mm256_add_ps(_mm256_loadu_ps(cr + 8), c##r##1);                     \
+    const float* base = add ? cr : bias;                                             \
+    if (base) {                                                                      \
+      c##r##0 = _mm256_add_ps(_mm256_loadu_ps(base), c##r##0);                       \
+      c##r##1 = _mm256_add_ps(_mm256_loadu_ps(base + 8), c##r##1);                   \
     }                                                                                \
     _mm256_storeu_ps(cr, c##r##0);                                                   \
     _mm256_storeu_ps(cr + 8, c##r##1);                                               \
@@ -180,7 +183,8 @@ RNNEXT_AVX2 __attribute__((always_inline)) inline void micro_kernel(int64_t kc, 
 // at once (measured: large LSTM/GRU forwards 4-12 % faster, cache-resident ones 2-3 %
 // slower, hence the choice).
 RNNEXT_AVX2 inline void strip_rows(int64_t m, int64_t kc, const float* a, int64_t lda, const float* strip, float* c,
-                                   int64_t ldc, bool add, int64_t cols, const float* next_strip, bool streaming) {
+                                   int64_t ldc, bool add, const float* bias, int64_t cols, const float* next_strip,
+                                   bool streaming) {
   for (int64_t i = 0, r = 0; i < m; i += r) {
     // kMr rows at a time, but never a last block of 1-3 rows after a full one: with fewer
     // than 8 accumulators the FMA latency, not the FMA units, sets the pace (a 2-row block
@@ -193,6 +197,7 @@ RNNEXT_AVX2 inline void strip_rows(int64_t m, int64_t kc, const float* a, int64_
     float* dst = cols == kNr ? ci : tile;
     const int64_t ld = cols == kNr ? ldc : kNr;
     const bool add_here = cols == kNr && add;
+    const float* bias_here = cols == kNr && !add ? bias : nullptr;
     const float* pf = i == 0 && !streaming ? next_strip : nullptr;
     if (streaming && next_strip) {
       // This block's share of the next strip's kc lines (64 bytes, one k, each).
@@ -201,25 +206,27 @@ RNNEXT_AVX2 inline void strip_rows(int64_t m, int64_t kc, const float* a, int64_
       }
     }
     switch (r) {
-      case 6: micro_kernel<6>(kc, ai, lda, strip, dst, ld, add_here, pf); break;
-      case 5: micro_kernel<5>(kc, ai, lda, strip, dst, ld, add_here, pf); break;
-      case 4: micro_kernel<4>(kc, ai, lda, strip, dst, ld, add_here, pf); break;
-      case 3: micro_kernel<3>(kc, ai, lda, strip, dst, ld, add_here, pf); break;
-      case 2: micro_kernel<2>(kc, ai, lda, strip, dst, ld, add_here, pf); break;
-      default: micro_kernel<1>(kc, ai, lda, strip, dst, ld, add_here, pf); break;
+      case 6: micro_kernel<6>(kc, ai, lda, strip, dst, ld, add_here, bias_here, pf); break;
+      case 5: micro_kernel<5>(kc, ai, lda, strip, dst, ld, add_here, bias_here, pf); break;
+      case 4: micro_kernel<4>(kc, ai, lda, strip, dst, ld, add_here, bias_here, pf); break;
+      case 3: micro_kernel<3>(kc, ai, lda, strip, dst, ld, add_here, bias_here, pf); break;
+      case 2: micro_kernel<2>(kc, ai, lda, strip, dst, ld, add_here, bias_here, pf); break;
+      default: micro_kernel<1>(kc, ai, lda, strip, dst, ld, add_here, bias_here, pf); break;
     }
     if (cols != kNr) {
       for (int64_t rr = 0; rr < r; ++rr) {
-        for (int64_t jj = 0; jj < cols; ++jj) ci[rr * ldc + jj] = (add ? ci[rr * ldc + jj] : 0.f) + tile[rr * kNr + jj];
+        for (int64_t jj = 0; jj < cols; ++jj) {
+          ci[rr * ldc + jj] = (add ? ci[rr * ldc + jj] : bias ? bias[jj] : 0.f) + tile[rr * kNr + jj];
+        }
       }
     }
   }
 }
 
-// C[m, n] (+)= A[m, k] @ W^T for strips [s0, s1) of the packed W.
+// C[m, n] (+)= A[m, k] @ W^T (+ bias) for strips [s0, s1) of the packed W.
 RNNEXT_AVX2 inline void multiply_strips(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
-                                        const float* packed, bool accumulate, float* c, int64_t ldc, int64_t s0,
-                                        int64_t s1, bool streaming) {
+                                        const float* packed, bool accumulate, const float* bias, float* c,
+                                        int64_t ldc, int64_t s0, int64_t s1, bool streaming) {
   const int64_t n_pad = (n + kNr - 1) / kNr * kNr;
   for (int64_t p0 = 0; p0 < k; p0 += kKc) {
     const int64_t kc = std::min(kKc, k - p0);
@@ -228,18 +235,21 @@ RNNEXT_AVX2 inline void multiply_strips(int64_t m, int64_t n, int64_t k, const f
       const int64_t j0 = s * kNr;
       const float* strip = packed + strip_offset(p0, j0, kc, n_pad);
       const float* next_strip = s + 1 < s1 ? strip + kc * kNr : nullptr;
-      strip_rows(m, kc, a + p0, lda, strip, c + j0, ldc, add, std::min(kNr, n - j0), next_strip, streaming);
+      strip_rows(m, kc, a + p0, lda, strip, c + j0, ldc, add, bias ? bias + j0 : nullptr, std::min(kNr, n - j0),
+                 next_strip, streaming);
     }
   }
 }
 
-// AVX-512: C[R, up to 16 NV] = (add ? C : 0) + A[R, kc] @ NV adjacent strips (strip v at
-// strip + v * kc * kNr); lanes of the last vector past `last_mask` are neither read nor
-// written (a partial last strip). `prefetch`: the next group's strips, a line per k each.
+// AVX-512: C[R, up to 16 NV] = (add ? C : bias ? bias : 0) + A[R, kc] @ NV adjacent strips
+// (strip v at strip + v * kc * kNr; bias: the columns' values, added to every row, or
+// nullptr); lanes of the last vector past `last_mask` are neither read nor written (a
+// partial last strip). `prefetch`: the next group's strips, a line per k each.
 template <int R, int NV>
 RNNEXT_AVX512 __attribute__((always_inline)) inline void micro_kernel_512(int64_t kc, const float* a, int64_t lda,
                                                                         const float* strip, float* c, int64_t ldc,
-                                                                        bool add, __mmask16 last_mask,
+                                                                        bool add, const float* bias,
+                                                                        __mmask16 last_mask,
                                                                         const float* prefetch) {
   static_assert(R >= 1 && R * NV <= 28, "a tile of at most 28 accumulators");
   __m512 acc[R][NV];
@@ -272,7 +282,8 @@ RNNEXT_AVX512 __attribute__((always_inline)) inline void micro_kernel_512(int64_
     for (int v = 0; v < NV; ++v) {
       float* cr = c + r * ldc + v * kNr;
       const __mmask16 mask = v == NV - 1 ? last_mask : __mmask16(0xFFFF);
-      if (add) acc[r][v] = _mm512_add_ps(_mm512_maskz_loadu_ps(mask, cr), acc[r][v]);
+      const float* base = add ? cr : bias ? bias + v * kNr : nullptr;
+      if (base) acc[r][v] = _mm512_add_ps(_mm512_maskz_loadu_ps(mask, base), acc[r][v]);
       _mm512_mask_storeu_ps(cr, mask, acc[r][v]);
     }
   }
@@ -290,11 +301,12 @@ constexpr int kGroup512 = 3, kMr512 = 9, kGroup512FewRows = 4;
 
 template <int NV>
 RNNEXT_AVX512 inline void rows_512(int64_t r, int64_t kc, const float* a, int64_t lda, const float* strip,
-                                   float* c, int64_t ldc, bool add, __mmask16 mask, const float* pf) {
+                                   float* c, int64_t ldc, bool add, const float* bias, __mmask16 mask,
+                                   const float* pf) {
   switch (r) {
 #define RNNEXT_ROWS_CASE(R)                                                                      \
   case R:                                                                                        \
-    if constexpr (R * NV <= 28) micro_kernel_512<R, NV>(kc, a, lda, strip, c, ldc, add, mask, pf); \
+    if constexpr (R * NV <= 28) micro_kernel_512<R, NV>(kc, a, lda, strip, c, ldc, add, bias, mask, pf); \
     break;
     RNNEXT_ROWS_CASE(1) RNNEXT_ROWS_CASE(2) RNNEXT_ROWS_CASE(3) RNNEXT_ROWS_CASE(4) RNNEXT_ROWS_CASE(5)
     RNNEXT_ROWS_CASE(6) RNNEXT_ROWS_CASE(7) RNNEXT_ROWS_CASE(8) RNNEXT_ROWS_CASE(9)
@@ -310,21 +322,23 @@ RNNEXT_AVX512 inline void rows_512(int64_t r, int64_t kc, const float* a, int64_
 // slower on Zen 4 (LSTM T=50 B=64 H=1024 forward 0.92x, GRU 0.93x), so it has none.
 template <int NV>
 RNNEXT_AVX512 inline void group_rows_512(int64_t m, int64_t kc, const float* a, int64_t lda, const float* strip,
-                                         float* c, int64_t ldc, bool add, int64_t cols, const float* next_group) {
+                                         float* c, int64_t ldc, bool add, const float* bias, int64_t cols,
+                                         const float* next_group) {
   constexpr int64_t max_rows = 28 / NV < kMr512 ? 28 / NV : kMr512;
   const int64_t blocks = (m + max_rows - 1) / max_rows;
   const __mmask16 mask = static_cast<__mmask16>((1u << (cols - (NV - 1) * kNr)) - 1u);
   for (int64_t blk = 0; blk < blocks; ++blk) {
     const int64_t i = m * blk / blocks, r = m * (blk + 1) / blocks - i;
-    rows_512<NV>(r, kc, a + i * lda, lda, strip, c + i * ldc, ldc, add, mask, blk == 0 ? next_group : nullptr);
+    rows_512<NV>(r, kc, a + i * lda, lda, strip, c + i * ldc, ldc, add, bias, mask,
+                 blk == 0 ? next_group : nullptr);
   }
 }
 
 // multiply_strips with the AVX-512 tile: strips [s0, s1) in groups of kGroup512 (of
 // kGroup512FewRows below 4 rows); a last group may be narrower.
 RNNEXT_AVX512 inline void multiply_strips_512(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
-                                              const float* packed, bool accumulate, float* c, int64_t ldc,
-                                              int64_t s0, int64_t s1) {
+                                              const float* packed, bool accumulate, const float* bias, float* c,
+                                              int64_t ldc, int64_t s0, int64_t s1) {
   const int64_t n_pad = (n + kNr - 1) / kNr * kNr;
   const int64_t width = m < 4 ? kGroup512FewRows : kGroup512;
   for (int64_t p0 = 0; p0 < k; p0 += kKc) {
@@ -336,41 +350,50 @@ RNNEXT_AVX512 inline void multiply_strips_512(int64_t m, int64_t n, int64_t k, c
       const float* next_group = s + nv + nv <= s1 ? group + nv * kc * kNr : nullptr;
       const int64_t cols = std::min(nv * kNr, n - j0);
       const float* ai = a + p0;
+      const float* bj = bias ? bias + j0 : nullptr;
       float* cj = c + j0;
       switch (nv) {
-        case 4: group_rows_512<4>(m, kc, ai, lda, group, cj, ldc, add, cols, next_group); break;
-        case 3: group_rows_512<3>(m, kc, ai, lda, group, cj, ldc, add, cols, next_group); break;
-        case 2: group_rows_512<2>(m, kc, ai, lda, group, cj, ldc, add, cols, next_group); break;
-        default: group_rows_512<1>(m, kc, ai, lda, group, cj, ldc, add, cols, next_group); break;
+        case 4: group_rows_512<4>(m, kc, ai, lda, group, cj, ldc, add, bj, cols, next_group); break;
+        case 3: group_rows_512<3>(m, kc, ai, lda, group, cj, ldc, add, bj, cols, next_group); break;
+        case 2: group_rows_512<2>(m, kc, ai, lda, group, cj, ldc, add, bj, cols, next_group); break;
+        default: group_rows_512<1>(m, kc, ai, lda, group, cj, ldc, add, bj, cols, next_group); break;
       }
     }
   }
 }
 #endif
 
-// C[m, n] (+)= A[m, k] @ W^T, W packed by pack(), with `kernel` (not kNone; one the CPU
-// has). Inside a parallel region it runs on the calling thread; outside, a large enough
+// C[m, n] = (accumulate ? C : bias ? bias : 0) + A[m, k] @ W^T, W packed by pack(), bias
+// [n] added to every row (or nullptr; not with accumulate), with `kernel` (not kNone; one
+// the CPU has). The bias is added where the tile is stored, as a copy of it into C first
+// would be (the same bits), without writing and reading C an extra time. Inside a parallel region it runs on the calling thread; outside, a large enough
 // product splits its strips across threads. `streaming`: W is not expected in cache, which
 // changes the AVX2 kernel's prefetch (see strip_rows); the AVX-512 kernel ignores it (see
 // group_rows_512).
 inline void multiply(Kernel kernel, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
-                     const float* packed, bool accumulate, float* c, int64_t ldc, bool streaming = false) {
+                     const float* packed, bool accumulate, float* c, int64_t ldc, bool streaming = false,
+                     const float* bias = nullptr) {
 #if RNNEXT_HAVE_PACKED_GEMM
   // Callers pass a kernel parse_kernel accepted (options.h, step_gemm.cpp): this CPU has it.
   TORCH_INTERNAL_ASSERT_DEBUG_ONLY(kernel != Kernel::kNone && cpu_supports(kernel));
   if (m == 0 || n == 0) return;
+  TORCH_INTERNAL_ASSERT_DEBUG_ONLY(!(accumulate && bias));
   if (k == 0) {
-    if (!accumulate) {
-      for (int64_t i = 0; i < m; ++i) std::memset(c + i * ldc, 0, sizeof(float) * n);
+    for (int64_t i = 0; i < m && !accumulate; ++i) {
+      if (bias) {
+        std::memcpy(c + i * ldc, bias, sizeof(float) * n);
+      } else {
+        std::memset(c + i * ldc, 0, sizeof(float) * n);
+      }
     }
     return;
   }
   const int64_t strips = (n + kNr - 1) / kNr;
   auto run = [&](int64_t s0, int64_t s1) {
     if (kernel == Kernel::kAvx512) {
-      multiply_strips_512(m, n, k, a, lda, packed, accumulate, c, ldc, s0, s1);
+      multiply_strips_512(m, n, k, a, lda, packed, accumulate, bias, c, ldc, s0, s1);
     } else {
-      multiply_strips(m, n, k, a, lda, packed, accumulate, c, ldc, s0, s1, streaming);
+      multiply_strips(m, n, k, a, lda, packed, accumulate, bias, c, ldc, s0, s1, streaming);
     }
   };
   // ~2^17 multiply-adds per task, some tens of microseconds; for the AVX-512 kernel a whole

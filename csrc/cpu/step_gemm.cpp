@@ -14,11 +14,12 @@ namespace cpu {
 namespace {
 
 // a [m, k] (rows at any stride, elements contiguous), w [n, k] (any strides), c [m, n]
-// -> (accumulate ? c : 0) + a @ w^T, computed in a buffer whose rows are 5 floats longer
+// -> (accumulate ? c : 0) + a @ w^T (+ bias [n] on the per-step routes, without accumulate:
+// added by the packed GEMM as it stores each tile, as StepWeight::multiply_bias), computed in a buffer whose rows are 5 floats longer
 // than n (so ldc != n is exercised), NaN past column n: the result is a view of that new
 // buffer, and a test can see that no route wrote past its columns.
 at::Tensor step_gemm(const at::Tensor& a, const at::Tensor& w, const at::Tensor& c, c10::string_view route,
-                     bool accumulate) {
+                     bool accumulate, const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(a.dim() == 2 && w.dim() == 2 && c.dim() == 2, "rnnext::_step_gemm: a, w and c must be 2-D");
   const int64_t m = a.size(0), k = a.size(1), n = w.size(0);
   TORCH_CHECK(w.size(1) == k && c.size(0) == m && c.size(1) == n, "rnnext::_step_gemm: shapes ", a.sizes(), " x ",
@@ -34,6 +35,10 @@ at::Tensor step_gemm(const at::Tensor& a, const at::Tensor& w, const at::Tensor&
   // CPU has, or at those a suffix names ("small_nt@32": AVX2's).
   const std::string name(route);
   const std::string few_rows = name.substr(0, name.find('@'));
+  TORCH_CHECK(!bias.has_value() || (bias->dim() == 1 && bias->size(0) == n && bias->scalar_type() == at::kFloat &&
+                                    !accumulate && (name == "avx512" || name == "avx2" || name == "blas" ||
+                                                    name == "auto" || name == "0" || name == "1")),
+              "rnnext::_step_gemm: a bias is a float32 [n] for the per-step routes, without accumulate");
   if (few_rows == "small_nt" || few_rows == "small_nn" || few_rows == "small_tn") {
     int bytes = 0;
     if (few_rows.size() < name.size()) {
@@ -76,15 +81,19 @@ at::Tensor step_gemm(const at::Tensor& a, const at::Tensor& w, const at::Tensor&
     return out;
   }
   const packed_gemm::Kernel kernel = packed_gemm::parse_kernel(std::string(route), "route");
+  // The packed GEMM's bias (added as each tile is stored); the BLAS route starts c from it.
+  const at::Tensor bias_c = bias.has_value() ? bias->contiguous() : at::Tensor();
+  const float* bias_ptr = bias_c.defined() ? bias_c.data_ptr<float>() : nullptr;
   if (kernel == packed_gemm::Kernel::kNone) {
     const at::Tensor wc = w.contiguous();
-    gemm<float>(false, true, m, n, k, a.data_ptr<float>(), lda, wc.data_ptr<float>(), k, accumulate,
+    if (bias_ptr) out.copy_(bias_c.expand({m, n}));
+    gemm<float>(false, true, m, n, k, a.data_ptr<float>(), lda, wc.data_ptr<float>(), k, accumulate || bias_ptr,
                 out.data_ptr<float>(), ldc);
   } else {
     at::Tensor packed = pooled_empty({packed_gemm::packed_size(n, k)}, w.options());  // as StepWeight
     packed_gemm::pack(w.data_ptr<float>(), n, k, w.stride(0), w.stride(1), packed.data_ptr<float>());
     packed_gemm::multiply(kernel, m, n, k, a.data_ptr<float>(), lda, packed.data_ptr<float>(), accumulate,
-                          out.data_ptr<float>(), ldc);
+                          out.data_ptr<float>(), ldc, /*streaming=*/false, bias_ptr);
   }
   return out;
 }
