@@ -96,6 +96,40 @@ inline int64_t packed_size(int64_t n, int64_t k) { return (n + kNr - 1) / kNr * 
 // Strip j0 of K block p0 starts at p0 * n_pad + j0 * kc (kc = the block's depth).
 inline int64_t strip_offset(int64_t p0, int64_t j0, int64_t kc, int64_t n_pad) { return p0 * n_pad + j0 * kc; }
 
+#if RNNEXT_HAVE_PACKED_GEMM
+// out[c * 16 + r] = rows[r][c] for r, c < 16: a 16 x 16 tile transposed in registers (32-bit,
+// then 64-bit interleaves within 128-bit lanes, then two rounds of 128-bit lane shuffles).
+RNNEXT_AVX512 inline void transpose_16x16(const float* const* rows, int64_t offset, float* out) {
+  __m512 r[16], t[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(rows[i] + offset);
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  // r[4 i + c], lane L: column 4 L + c of rows 4 i .. 4 i + 3
+  for (int i = 0; i < 4; ++i) {
+    const __m512d a = _mm512_castps_pd(t[4 * i]), b = _mm512_castps_pd(t[4 * i + 2]);
+    const __m512d c = _mm512_castps_pd(t[4 * i + 1]), d = _mm512_castps_pd(t[4 * i + 3]);
+    r[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, b));
+    r[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, b));
+    r[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(c, d));
+    r[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(c, d));
+  }
+  for (int c = 0; c < 4; ++c) {
+    t[c] = _mm512_shuffle_f32x4(r[c], r[4 + c], 0x88);       // columns c, 8 + c of rows 0-7
+    t[c + 4] = _mm512_shuffle_f32x4(r[c], r[4 + c], 0xdd);   // columns 4 + c, 12 + c
+    t[c + 8] = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0x88);  // rows 8-15
+    t[c + 12] = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0xdd);
+  }
+  for (int c = 0; c < 4; ++c) {
+    _mm512_storeu_ps(out + c * 16, _mm512_shuffle_f32x4(t[c], t[c + 8], 0x88));
+    _mm512_storeu_ps(out + (c + 8) * 16, _mm512_shuffle_f32x4(t[c], t[c + 8], 0xdd));
+    _mm512_storeu_ps(out + (c + 4) * 16, _mm512_shuffle_f32x4(t[c + 4], t[c + 12], 0x88));
+    _mm512_storeu_ps(out + (c + 12) * 16, _mm512_shuffle_f32x4(t[c + 4], t[c + 12], 0xdd));
+  }
+}
+#endif
+
 // Packs W (element (j, p) at w[j * s_j + p * s_p]: any strides, so a transposed view packs
 // from its storage) into `out` [packed_size(n, k)]. With group_rows > 0, W's rows come in
 // groups of group_rows, group g starting at w + g * group_stride (a unit block's rows of
@@ -104,9 +138,11 @@ inline int64_t strip_offset(int64_t p0, int64_t j0, int64_t kc, int64_t n_pad) {
 // K block contiguous, and written 16 floats apart within its strip (which stays in L1):
 // reading the 16 rows of a strip element by element instead packed a [4096, 1024] weight in
 // ~5 ms on one Zen 4 thread, 3% of an LSTM T=50, B=64, H=1024 forward, which packs two.
+// With AVX-512, a whole strip's rows go 16 values of each at a time through transpose_16x16.
 inline void pack(const float* w, int64_t n, int64_t k, int64_t s_j, int64_t s_p, float* out, int64_t group_rows = 0,
                  int64_t group_stride = 0) {
   const int64_t n_pad = (n + kNr - 1) / kNr * kNr;
+  const bool avx512 = cpu_supports(Kernel::kAvx512);
   auto row = [&](int64_t j) {
     return group_rows > 0 ? w + (j / group_rows) * group_stride + (j % group_rows) * s_j : w + j * s_j;
   };
@@ -117,9 +153,17 @@ inline void pack(const float* w, int64_t n, int64_t k, int64_t s_j, int64_t s_p,
         float* strip = out + strip_offset(p0, j0, kc, n_pad);
         const int64_t cols = std::min(kNr, n - j0);
         if (s_p == 1) {
+          int64_t done = 0;  // the values of p already packed, for every row of the strip
+#if RNNEXT_HAVE_PACKED_GEMM
+          if (cols == kNr && avx512) {
+            const float* rows[kNr];
+            for (int64_t jj = 0; jj < kNr; ++jj) rows[jj] = row(j0 + jj) + p0;
+            for (; done + 16 <= kc; done += 16) transpose_16x16(rows, done, strip + done * kNr);
+          }
+#endif
           for (int64_t jj = 0; jj < cols; ++jj) {
             const float* src = row(j0 + jj) + p0;
-            for (int64_t p = 0; p < kc; ++p) strip[p * kNr + jj] = src[p];
+            for (int64_t p = done; p < kc; ++p) strip[p * kNr + jj] = src[p];
           }
         } else {
           // (a transposed view: a strip's 16 values of one p are contiguous when s_j == 1)
