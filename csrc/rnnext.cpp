@@ -121,8 +121,8 @@ extern "C" PyObject* PyInit__C(void) {
 }
 
 TORCH_LIBRARY(rnnext, m) {
-  // Tests only: (accumulate ? c : 0) + a @ w^T (+ bias), float32, through the CPU per-step GEMM route
-  // named ("avx512", "avx2", "blas" or "auto"), or the few-row kernels and the large weight
+  // Tests only: (accumulate ? c : 0) + a @ w^T (+ bias), float32, through the CPU per-step GEMM
+  // route named ("avx512", "avx2", "blas" or "auto"), or the few-row kernels and the weight
   // gradients' oneDNN route (csrc/cpu/step_gemm.cpp).
   m.def("_step_gemm(Tensor a, Tensor w, Tensor c, str route, bool accumulate, Tensor? bias=None) -> Tensor");
   // h_t = tanh(x_t W_ih^T + b_ih + h_{t-1} W_hh^T + b_hh)  -> (y, h_n, workspace)

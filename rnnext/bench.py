@@ -6,8 +6,9 @@ same process, interleaved (ours, torch, floor, ours, torch, floor, ...), and rep
 "fwd" is inference (eval mode, no grad); "train" is forward + backward of a loss over the
 output and the final states. The floor is the time of the row's GEMMs alone (same shapes and
 counts), each on the fastest GEMM found here (torch.mm, i.e. MKL/OpenBLAS, or oneDNN with a
-prepacked weight), timed in the same rounds as the pair; "of floor" is floor / rnnext time. "saved MiB" is what autograd keeps between forward
-and backward (unique storages packed by saved-tensor hooks), torch.nn vs rnnext.
+prepacked weight), timed in the same rounds as the pair; "of floor" is floor / rnnext time.
+"saved MiB" is what autograd keeps between forward and backward (unique storages packed by
+saved-tensor hooks), torch.nn vs rnnext.
 
 On a CUDA device the same code runs with the models and inputs moved there (weights and inputs
 drawn on the CPU, as there), timed with CUDA events after warm-up calls and a synchronize;
@@ -256,41 +257,64 @@ def _gemm_list(row: Row, mode: str) -> Dict[Tuple[int, int, int], int]:
     return gemms
 
 
+_ROUTE_CACHE: Dict[tuple, str] = {}
+
+
+def _gemm_routes(m: int, n: int, k: int, count: int, device: torch.device,
+                 dtype: torch.dtype) -> Dict[str, Callable[[], Callable[[], None]]]:
+    """{route: builder}: each builder makes its operands and returns a function doing `count`
+    products [m, k] x [k, n] that way (so a route not chosen holds no memory)."""
+    factory = dict(device=device, dtype=dtype)
+
+    def mm_loop():
+        a, w, out = torch.randn(m, k, **factory), torch.randn(n, k, **factory), torch.empty(m, n, **factory)
+        return lambda: [torch.mm(a, w.t(), out=out) for _ in range(count)]
+
+    def bmm():
+        a_all, w = torch.randn(count, m, k, **factory), torch.randn(n, k, **factory)
+        w_all, out_all = w.t().expand(count, k, n), torch.empty(count, m, n, **factory)
+        return lambda: torch.bmm(a_all, w_all, out=out_all)
+
+    def onednn_linear():
+        a, w = torch.randn(m, k, **factory), torch.randn(n, k, **factory)
+        packed = torch.ops.mkldnn._reorder_linear_weight(w, m)
+        torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [], "")
+        return lambda: [torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [], "") for _ in range(count)]
+
+    routes = {"mm": mm_loop}
+    if count > 1:
+        routes["bmm"] = bmm
+    if device.type == "cpu":
+        routes["onednn"] = onednn_linear
+    return routes
+
+
 def _fastest_gemm(m: int, n: int, k: int, count: int, device="cpu",
                   dtype: torch.dtype = torch.float32) -> Callable[[], None]:
     """A function doing `count` products [m, k] x [k, n] on `device` in `dtype`, on the fastest
-    route measured there: a loop of torch.mm (MKL/OpenBLAS on the CPU, cuBLAS on CUDA), one
-    batched torch.bmm over all `count` (which leaves out Python's per-call cost for small
-    products), and on the CPU a loop of oneDNN linear with a prepacked weight."""
+    route measured there (once per shape; _ROUTE_CACHE): a loop of torch.mm (MKL/OpenBLAS on
+    the CPU, cuBLAS on CUDA), one batched torch.bmm over all `count` (which leaves out
+    Python's per-call cost for small products), and on the CPU a loop of oneDNN linear with a
+    prepacked weight."""
     device = torch.device(device)
-    factory = dict(device=device, dtype=dtype)
-    a = torch.randn(m, k, **factory)
-    w = torch.randn(n, k, **factory)  # as a Linear weight: [m, k] x [k, n] = a @ w^T
-    out = torch.empty(m, n, **factory)
-    candidates = [lambda: [torch.mm(a, w.t(), out=out) for _ in range(count)]]
-    if count > 1:
-        a_all = torch.randn(count, m, k, **factory)
-        w_all = w.t().expand(count, k, n)
-        out_all = torch.empty(count, m, n, **factory)
-        candidates.append(lambda: torch.bmm(a_all, w_all, out=out_all))
-    if device.type == "cpu":
-        try:
-            packed = torch.ops.mkldnn._reorder_linear_weight(w, m)
-            torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [], "")
-            candidates.append(lambda: [torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [], "")
-                                       for _ in range(count)])
-        except (RuntimeError, AttributeError):
-            pass
-    best, best_fn = math.inf, candidates[0]
-    for fn in candidates:
-        fn()
-        _synchronize(device)
-        est = max(_time_once(fn, 1, device), 1e-7)
-        number = max(1, int(0.02 / est))
-        seconds = statistics.median(_time_once(fn, number, device) for _ in range(5))
-        if seconds < best:
-            best, best_fn = seconds, fn
-    return best_fn
+    routes = _gemm_routes(m, n, k, count, device, dtype)
+    key = (m, n, k, count, str(device), dtype)
+    if key not in _ROUTE_CACHE:
+        best = math.inf
+        for name, build in routes.items():
+            try:
+                fn = build()
+            except (RuntimeError, AttributeError):  # a torch without the mkldnn ops
+                continue
+            fn()
+            _synchronize(device)
+            est = max(_time_once(fn, 1, device), 1e-7)
+            number = max(1, int(0.02 / est))
+            seconds = statistics.median(_time_once(fn, number, device) for _ in range(5))
+            if seconds < best:
+                best, _ROUTE_CACHE[key] = seconds, name
+            del fn
+    return routes[_ROUTE_CACHE[key]]()
 
 
 def floor_fn(gemms: Dict[Tuple[int, int, int], int], device="cpu",

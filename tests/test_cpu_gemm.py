@@ -301,16 +301,18 @@ def test_step_gemm_checks_its_arguments():
 # size: sizes off oneDNN's block multiples, and the smallest ones.
 ONEDNN_TN = ((1, 1, 1), (17, 33, 5), (100, 49, 300), (2049, 515, 1030))
 
-LINEAR, MATMUL = "mkldnn::_linear_pointwise", "rnnext::onednn_matmul"
+LINEAR, MATMUL, MM = "mkldnn::_linear_pointwise", "rnnext::onednn_matmul", "aten::mm"
 
 
 def _onednn_calls(fn):
-    """fn's result, and {name: calls} of the oneDNN products it ran: oneDNN linear with a
-    prepacked weight (MkldnnLinear, grad_x on AVX2 CPUs) and rnnext's oneDNN matmul."""
+    """fn's result, and {name: calls} of the products it ran through the dispatcher or the
+    profiler: oneDNN linear with a prepacked weight (OneDnnLinear, grad_x on AVX2 CPUs),
+    rnnext's oneDNN matmul, and at::mm (the fallback: a oneDNN matmul that failed would
+    show as both)."""
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         result = fn()
-    return result, {name: sum(e.name == name for e in prof.events()) for name in (LINEAR, MATMUL)}
+    return result, {name: sum(e.name == name for e in prof.events()) for name in (LINEAR, MATMUL, MM)}
 
 
 def _has_avx512():
@@ -321,10 +323,19 @@ def _has_avx512():
     return True
 
 
+def _cpu_flags():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return []
+
+
 def _matmul_route():
-    """oneDNN's matmul takes float32 products here: an AVX-512 CPU (the AVX-512 CPUs we run
-    on all have BW/VL/DQ too), a torch with oneDNN, and the route not turned off."""
-    return _has_avx512() and torch.backends.mkldnn.is_available() and _C.cpu_option("onednn") == "1"
+    """oneDNN's matmul takes float32 products here, as gemm.h's OneDnnMatmul::route decides:
+    a CPU with AVX-512 BW, VL and DQ, a torch with oneDNN, and the route not turned off."""
+    return ({"avx512bw", "avx512vl", "avx512dq"} <= set(_cpu_flags()) and torch.backends.mkldnn.is_available()
+            and torch.backends.mkldnn.enabled and _C.cpu_option("onednn") == "1")
 
 
 def test_onednn_weight_gradient_route_matches_float64():
@@ -334,7 +345,8 @@ def test_onednn_weight_gradient_route_matches_float64():
             got, calls = _onednn_calls(lambda: torch.ops.rnnext._step_gemm(a, w, c, "onednn_tn", accumulate))
             # Where oneDNN's matmul does not take float32 (AVX2 CPUs) the route is at::mm,
             # which must be right too.
-            assert calls == {LINEAR: 0, MATMUL: int(_matmul_route())}, (m, n, k)
+            matmul = int(_matmul_route())
+            assert calls == {LINEAR: 0, MATMUL: matmul, MM: 1 - matmul}, (m, n, k)
             exact, bound = reference(a, w, c, accumulate)
             err = (got.double() - exact).abs()
             assert bool((err <= 2 * bound).all()), f"m={m} n={n} k={k}: {(err / bound).max().item():.2f}x the bound"
@@ -358,29 +370,35 @@ def test_layers_with_large_weight_gradients_match_torch(cell):
     x, hx = make_inputs(ref, with_hx=True, seq_len=16, batch=64)
     first, calls = _onednn_calls(lambda: run(ours, x, hx))
     if torch.backends.mkldnn.is_available() and _C.cpu_option("onednn") == "1":
-        matmul = _matmul_route()
-        assert calls == {LINEAR: 0 if matmul else 1, MATMUL: 3 if matmul else 0}
+        matmul = _matmul_route()  # else grad_x by oneDNN linear, the weight gradients by at::mm
+        assert calls == ({LINEAR: 0, MATMUL: 3, MM: 0} if matmul else {LINEAR: 1, MATMUL: 0, MM: 2})
     assert_results_close(run(ref, x, hx), first, f"{cell} large", scale_atol=True)
     assert_results_equal(first, run(ours, x, hx), what=f"{cell} run to run")
     with cpu_option("onednn", "0"):
         plain, calls = _onednn_calls(lambda: run(ours, x, hx))
-    assert calls == {LINEAR: 0, MATMUL: 0}
+    assert calls == {LINEAR: 0, MATMUL: 0, MM: 3}
+    was_enabled, torch.backends.mkldnn.enabled = torch.backends.mkldnn.enabled, False
+    try:  # torch's own switch turns rnnext's oneDNN off too
+        _, calls = _onednn_calls(lambda: run(ours, x, hx))
+    finally:
+        torch.backends.mkldnn.enabled = was_enabled
+    assert calls == {LINEAR: 0, MATMUL: 0, MM: 3}
     assert_results_close(plain, first, f"{cell} oneDNN vs at::mm", scale_atol=True)
 
 
 @pytest.mark.parametrize("cell", ("LSTM", "GRU", "RNN_TANH"))
 def test_layers_at_the_matmul_threshold_match_torch(cell):
-    """Backward products on either side of OneDnnMatmul::kMinWork (2^22 multiply-adds): a
+    """Backward products on either side of OneDnnMatmul::kMinWork (2^24 multiply-adds): a
     sequence whose grad_x and weight gradients just reach it and one just short of it (at::mm),
     each against torch.nn, the calls counted."""
     gates = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1}[cell]
-    hidden, inp, batch = 64, 64, 16
+    hidden, inp, batch, min_work = 64, 64, 64, 1 << 24
     work_per_row = gates * hidden * inp  # grad_x's and each weight gradient's multiply-adds per row
-    for seq_len in (-(-(1 << 22) // (work_per_row * batch)), (1 << 22) // (work_per_row * batch) - 1):
+    for seq_len in (-(-min_work // (work_per_row * batch)), min_work // (work_per_row * batch) - 1):
         ref, ours = make_pair(cell, inp, hidden, dtype=torch.float32, seed=seq_len)
         x, hx = make_inputs(ref, with_hx=True, seq_len=seq_len, batch=batch)
         got, calls = _onednn_calls(lambda: run(ours, x, hx))
-        reached = seq_len * batch * work_per_row >= 1 << 22
+        reached = seq_len * batch * work_per_row >= min_work
         assert calls[MATMUL] == (3 if reached and _matmul_route() else 0), (seq_len, calls)
         assert_results_close(run(ref, x, hx), got, f"{cell} T={seq_len}", scale_atol=True)
 

@@ -55,15 +55,6 @@
 #define RNNEXT_ALWAYS_INLINE inline
 #endif
 
-namespace at {
-namespace native {
-// oneDNN's matmul (ATen/native/mkldnn/Matmul.cpp): result = beta * result + alpha * mat1 @ mat2.
-// Exported by libtorch_cpu with this signature in every torch rnnext supports (checked 2.4.1,
-// 2.13.0, 2.14.1; a build without oneDNN defines it to throw), not in the installed headers.
-void mkldnn_matmul(const Tensor& mat1, const Tensor& mat2, const Tensor& result, float beta, float alpha);
-}  // namespace native
-}  // namespace at
-
 namespace rnnext {
 namespace cpu {
 
@@ -74,12 +65,12 @@ typedef void (*dgemm_fn)(const char*, const char*, const int*, const int*, const
                          const double*, const int*, const double*, const int*, const double*, double*, const int*);
 }
 
-// A symbol of the BLAS torch itself uses, or nullptr. Looked up from libtorch_cpu's own
-// handle (found through the address of one of its functions), which searches that library
-// and its dependencies only: another BLAS loaded into the process with global symbols (an
-// ILP64 build, a threaded OpenBLAS, an LD_PRELOAD) is never picked by accident. Where the
-// lookup fails, callers take the ATen route.
-inline void* torch_blas_symbol(const char* name) {
+// A symbol of libtorch_cpu or of the libraries it links (the BLAS torch itself uses), or
+// nullptr. Looked up from libtorch_cpu's own handle (found through the address of one of its
+// functions), which searches that library and its dependencies only: another BLAS loaded
+// into the process with global symbols (an ILP64 build, a threaded OpenBLAS, an LD_PRELOAD)
+// is never picked by accident. Where the lookup fails, callers take the ATen route.
+inline void* torch_cpu_symbol(const char* name) {
   static void* torch_cpu = [] {
     Dl_info info{};
     void* handle = nullptr;
@@ -92,11 +83,11 @@ inline void* torch_blas_symbol(const char* name) {
 }
 
 inline sgemm_fn blas_sgemm() {
-  static sgemm_fn fn = reinterpret_cast<sgemm_fn>(torch_blas_symbol("sgemm_"));
+  static sgemm_fn fn = reinterpret_cast<sgemm_fn>(torch_cpu_symbol("sgemm_"));
   return fn;
 }
 inline dgemm_fn blas_dgemm() {
-  static dgemm_fn fn = reinterpret_cast<dgemm_fn>(torch_blas_symbol("dgemm_"));
+  static dgemm_fn fn = reinterpret_cast<dgemm_fn>(torch_cpu_symbol("dgemm_"));
   return fn;
 }
 
@@ -117,9 +108,10 @@ inline void copy_values(T* dst, const T* src, int64_t count) {
   if (count > 0) std::memcpy(dst, src, sizeof(T) * count);
 }
 
-// out [cols, rows] = in [rows, cols]^T, in's rows ld apart, out contiguous. Tiles of 16 x 16
-// (both sides in L1), bands of 16 rows split across threads: at [3200, 4096] float32 on two
-// Zen 4 threads ~13 ms, against 44 ms for ATen's copy of a transposed view.
+// out [cols, rows] = in [rows, cols]^T, in's rows ld apart, out contiguous (OneDnnLinear's
+// W^T). Tiles of 16 x 16 (both sides in L1), bands of 16 rows split across threads: at
+// [3200, 4096] float32 on two Zen 4 threads ~13 ms, against 44 ms for ATen's copy of a
+// transposed view.
 template <typename T>
 void transpose_into(const T* in, int64_t rows, int64_t cols, int64_t ld, T* out) {
   constexpr int64_t kTile = 16;
@@ -558,9 +550,9 @@ struct Api {
 inline const Api& api() {
   static const Api a = [] {
     Api r;
-    r.get_size = reinterpret_cast<get_size_fn>(torch_blas_symbol("cblas_sgemm_pack_get_size"));
-    r.pack = reinterpret_cast<pack_fn>(torch_blas_symbol("cblas_sgemm_pack"));
-    r.compute = reinterpret_cast<compute_fn>(torch_blas_symbol("cblas_sgemm_compute"));
+    r.get_size = reinterpret_cast<get_size_fn>(torch_cpu_symbol("cblas_sgemm_pack_get_size"));
+    r.pack = reinterpret_cast<pack_fn>(torch_cpu_symbol("cblas_sgemm_pack"));
+    r.compute = reinterpret_cast<compute_fn>(torch_cpu_symbol("cblas_sgemm_compute"));
     return r;
   }();
   return a;
@@ -741,10 +733,10 @@ class OneDnnLinear {
   // training step (B = 32, H = 256) spent ~1 ms in it, three times torch.nn's whole step.
   static constexpr int64_t kMinRows = 512;
 
-  OneDnnLinear(const at::Tensor& w, int64_t batch_hint, int64_t rows_for_work) {
-    const int64_t work = rows_for_work * w.size(0) * w.size(1);
-    if (w.scalar_type() != at::kFloat || !enabled() || rows_for_work < kMinRows || work < kMinWork ||
-        work > kMaxWork) {
+  // For products of `rows` rows (also oneDNN's batch hint for the reorder).
+  OneDnnLinear(const at::Tensor& w, int64_t rows) {
+    const int64_t work = rows * w.size(0) * w.size(1);
+    if (w.scalar_type() != at::kFloat || !enabled() || rows < kMinRows || work < kMinWork || work > kMaxWork) {
       return;
     }
     static const auto reorder = c10::Dispatcher::singleton().findOp({"mkldnn::_reorder_linear_weight", ""});
@@ -753,7 +745,7 @@ class OneDnnLinear {
     linear_ = *linear;
     // W^T of a contiguous weight (grad_x's W_ih) by our tiled transpose, not ATen's copy.
     const bool stored_transposed = !w.is_contiguous() && w.t().is_contiguous();
-    std::vector<c10::IValue> stack{stored_transposed ? transposed(w.t()) : w.contiguous(), c10::IValue(batch_hint)};
+    std::vector<c10::IValue> stack{stored_transposed ? transposed(w.t()) : w.contiguous(), c10::IValue(rows)};
     reorder->callBoxed(&stack);
     packed_ = stack[0].toTensor();
     ok_ = true;
@@ -761,8 +753,11 @@ class OneDnnLinear {
 
   bool available() const { return ok_; }
 
-  // oneDNN is there (a torch build with it) and not turned off (options::onednn).
-  static bool enabled() { return at::hasMKLDNN() && options::onednn(); }
+  // oneDNN is there (a torch build with it) and turned off neither by options::onednn
+  // (RNNEXT_ONEDNN) nor by torch.backends.mkldnn.enabled.
+  static bool enabled() {
+    return at::hasMKLDNN() && options::onednn() && at::globalContext().userEnabledMkldnn();
+  }
 
   // x [m, k] (rows contiguous) -> new [m, n] tensor.
   at::Tensor operator()(const at::Tensor& x, const std::optional<at::Tensor>& bias = std::nullopt) const {
@@ -779,28 +774,33 @@ class OneDnnLinear {
   std::optional<c10::OperatorHandle> linear_;
 };
 
-// a @ b [m, n] through oneDNN's matmul primitive: at::native::mkldnn_matmul (declared at the
-// top of this file), the function at::mm itself runs for bfloat16. It reads each operand as it
-// is when its rows or its columns are contiguous, so d^T of a contiguous d (the weight
-// gradients' d^T @ in) needs no transposed copy, and a weight no reorder per call. Measured
-// on Zen 4 (AVX-512, two threads), against at::mm (MKL, its Zen kernels): as fast or faster
-// from [64, 1024] x [1024, 256] up, 1.07-1.33x on the backward's products of large layers
+// a @ b [m, n] through oneDNN's matmul primitive: at::native::mkldnn_matmul, the function
+// at::mm itself runs for bfloat16 (ATen/native/mkldnn/Matmul.cpp: result = beta * result +
+// alpha * mat1 @ mat2). It is not in torch's installed headers, so it is looked up by its
+// mangled name at run time (exported with this signature by torch 2.4.1, 2.13.0 and 2.14.1):
+// a torch without it loses this route, not the extension. It reads an operand as it is when
+// the operand is contiguous or the transpose of a contiguous tensor (copies others), so d^T
+// of a contiguous d (the weight gradients' d^T @ in) needs no transposed copy, and a weight
+// no reorder per call. Measured on Zen 4 (AVX-512, two threads) against at::mm (MKL, its Zen
+// kernels): 1.03-1.18x from 2^24 multiply-adds (0.94-1.13x at 2^23, 0.86-1.07x at 2^22,
+// where its ~10-20 us per call shows); 1.07-1.33x on the backward's products of large layers
 // ([3200, 4096]^T x [3200, 1024] 135 vs 153 ms; [3200, 4096] x [4096, 1024] 130 vs 155 ms,
 // and 144 ms by OneDnnLinear with its reorder of W^T).
 // Only float32 on CPUs where torch's oneDNN takes float32 matmuls (AVX-512 BW/VL/DQ; it
 // refuses them elsewhere, e.g. on AVX2-only CPUs, which keep at::mm and OneDnnLinear), and
-// products of at least kMinWork multiply-adds. A call that fails (a torch build whose
-// oneDNN refuses) turns the route off for the process and takes at::mm. Under
-// torch.backends.mkldnn's reduced float32 matmul precision (bf16) oneDNN computes as at::mm
-// then does, in that precision. Visible to the profiler as "rnnext::onednn_matmul".
+// products of at least kMinWork multiply-adds, and only while oneDNN is on (RNNEXT_ONEDNN and
+// torch.backends.mkldnn.enabled). A call that fails other than for memory (a torch build
+// whose oneDNN refuses) warns once, turns the route off for the process and takes at::mm.
+// Under torch.backends.mkldnn's reduced float32 matmul precision (bf16) oneDNN computes as
+// at::mm then does, in that precision. Visible to the profiler as "rnnext::onednn_matmul".
 class OneDnnMatmul {
  public:
-  static constexpr int64_t kMinWork = int64_t(1) << 22;
+  static constexpr int64_t kMinWork = int64_t(1) << 24;
 
   // a @ b takes this route; any_size: at any size (the tests' forced route).
   static bool route(const at::Tensor& a, const at::Tensor& b, bool any_size = false) {
     return a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat && cpu_takes_float32() &&
-           OneDnnLinear::enabled() && !failed() &&
+           OneDnnLinear::enabled() && function() != nullptr && !failed() &&
            (any_size || a.size(0) * a.size(1) * b.size(1) >= kMinWork);
   }
 
@@ -809,8 +809,11 @@ class OneDnnMatmul {
     at::Tensor out = at::empty({a.size(0), b.size(1)}, a.options());
     try {
       RECORD_FUNCTION("rnnext::onednn_matmul", std::vector<c10::IValue>());
-      at::native::mkldnn_matmul(a, b, out, /*beta=*/0.f, /*alpha=*/1.f);
-    } catch (const c10::Error&) {
+      function()(a, b, out, /*beta=*/0.f, /*alpha=*/1.f);
+    } catch (const c10::OutOfMemoryError&) {
+      throw;  // at::mm would need the same memory
+    } catch (const std::exception& e) {
+      TORCH_WARN_ONCE("rnnext: oneDNN's matmul failed (", e.what(), "); backward products use at::mm from now on");
       failed() = true;
       return at::mm(a, b);
     }
@@ -830,6 +833,12 @@ class OneDnnMatmul {
   static std::atomic<bool>& failed() {
     static std::atomic<bool> flag{false};
     return flag;
+  }
+  using Function = void (*)(const at::Tensor&, const at::Tensor&, const at::Tensor&, float, float);
+  static Function function() {
+    static const Function fn =
+        reinterpret_cast<Function>(torch_cpu_symbol("_ZN2at6native13mkldnn_matmulERKNS_6TensorES3_S3_ff"));
+    return fn;
   }
 };
 

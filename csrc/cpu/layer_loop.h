@@ -633,7 +633,7 @@ std::vector<Tensor> layer_backward(const OptTensor& grad_y_in, const OptTensor& 
       } else if (OneDnnMatmul::route(d_gi, w_ih)) {
         grad_x = OneDnnMatmul::multiply(d_gi, w_ih).view(x_in.sizes());
       } else {
-        const OneDnnLinear input_linear(w_ih.t(), st.N, st.N);
+        const OneDnnLinear input_linear(w_ih.t(), st.N);
         grad_x = (input_linear.available() ? input_linear(d_gi) : at::mm(d_gi, w_ih)).view(x_in.sizes());
       }
     });

@@ -8,7 +8,8 @@
 //   own_gemm         RNNEXT_OWN_GEMM          auto | avx512 | avx2 | blas (auto: the widest
 //                                             kernel the CPU has; blas: none of ours)
 //   mkl_packed       RNNEXT_MKL_PACKED        1 | 0 (1: MKL's packed GEMM for large chunks)
-//   onednn           RNNEXT_ONEDNN            1 | 0 (1: oneDNN for grad_x where it pays)
+//   onednn           RNNEXT_ONEDNN            1 | 0 (1: oneDNN for the backward's grad_x and
+//                                             weight gradients where it pays)
 //   streaming_bytes  RNNEXT_STREAMING_BYTES   bytes >= 0 (16 MiB): per-step weights from this
 //                                             size on are prefetched as streamed (AVX2 kernel)
 //   chunk_rows       RNNEXT_CHUNK_ROWS        rows >= 1, or auto (auto: ~4 MiB of gi per chunk)

@@ -16,7 +16,8 @@
 //    and fewer instructions. A last partial strip is read and written through lane masks.
 //
 // Sum order: per element, each K block is summed from zero in p order, then added to C (to
-// the previous blocks' sum, or to C's old value when accumulating). It depends on neither
+// the previous blocks' sum, or to C's old value when accumulating, or for the first block to
+// the bias when there is one). It depends on neither
 // m, nor the thread split, nor the kernel, so results are bit-for-bit the same however the
 // work is divided and whichever kernel runs.
 //
@@ -142,7 +143,7 @@ RNNEXT_AVX512 inline void transpose_16x16(const float* const* rows, int64_t offs
 inline void pack(const float* w, int64_t n, int64_t k, int64_t s_j, int64_t s_p, float* out, int64_t group_rows = 0,
                  int64_t group_stride = 0) {
   const int64_t n_pad = (n + kNr - 1) / kNr * kNr;
-  const bool avx512 = cpu_supports(Kernel::kAvx512);
+  [[maybe_unused]] const bool avx512 = cpu_supports(Kernel::kAvx512);
   auto row = [&](int64_t j) {
     return group_rows > 0 ? w + (j / group_rows) * group_stride + (j % group_rows) * s_j : w + j * s_j;
   };
@@ -410,8 +411,9 @@ RNNEXT_AVX512 inline void multiply_strips_512(int64_t m, int64_t n, int64_t k, c
 // C[m, n] = (accumulate ? C : bias ? bias : 0) + A[m, k] @ W^T, W packed by pack(), bias
 // [n] added to every row (or nullptr; not with accumulate), with `kernel` (not kNone; one
 // the CPU has). The bias is added where the tile is stored, as a copy of it into C first
-// would be (the same bits), without writing and reading C an extra time. Inside a parallel region it runs on the calling thread; outside, a large enough
-// product splits its strips across threads. `streaming`: W is not expected in cache, which
+// would be (the same bits), without writing and reading C an extra time. Inside a parallel
+// region it runs on the calling thread; outside, a large enough product splits its strips
+// across threads. `streaming`: W is not expected in cache, which
 // changes the AVX2 kernel's prefetch (see strip_rows); the AVX-512 kernel ignores it (see
 // group_rows_512).
 inline void multiply(Kernel kernel, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
@@ -421,7 +423,7 @@ inline void multiply(Kernel kernel, int64_t m, int64_t n, int64_t k, const float
   // Callers pass a kernel parse_kernel accepted (options.h, step_gemm.cpp): this CPU has it.
   TORCH_INTERNAL_ASSERT_DEBUG_ONLY(kernel != Kernel::kNone && cpu_supports(kernel));
   if (m == 0 || n == 0) return;
-  TORCH_INTERNAL_ASSERT_DEBUG_ONLY(!(accumulate && bias));
+  TORCH_CHECK(!(accumulate && bias), "rnnext: the packed GEMM takes a bias or accumulates, not both");
   if (k == 0) {
     for (int64_t i = 0; i < m && !accumulate; ++i) {
       if (bias) {

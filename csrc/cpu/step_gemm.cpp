@@ -2,7 +2,7 @@
 // a route the caller names, so tests can reach every kernel this CPU has, and each kernel's
 // remainder paths (row blocks, partial strips, K blocks), without a layer around it; also
 // the few-row kernels of an unpacked weight (gemm.h: "small_nt", "small_nn") and of the
-// weight gradients ("small_tn"), and the large weight gradients' oneDNN route ("onednn_tn").
+// weight gradients ("small_tn"), and the weight gradients' oneDNN route ("onednn_tn").
 #include <torch/library.h>
 
 #include <limits>
@@ -15,9 +15,10 @@ namespace {
 
 // a [m, k] (rows at any stride, elements contiguous), w [n, k] (any strides), c [m, n]
 // -> (accumulate ? c : 0) + a @ w^T (+ bias [n] on the per-step routes, without accumulate:
-// added by the packed GEMM as it stores each tile, as StepWeight::multiply_bias), computed in a buffer whose rows are 5 floats longer
-// than n (so ldc != n is exercised), NaN past column n: the result is a view of that new
-// buffer, and a test can see that no route wrote past its columns.
+// added by the packed GEMM as it stores each tile, as StepWeight::multiply_bias), computed
+// in a buffer whose rows are 5 floats longer than n (so ldc != n is exercised), NaN past
+// column n: the result is a view of that new buffer, and a test can see that no route
+// wrote past its columns.
 at::Tensor step_gemm(const at::Tensor& a, const at::Tensor& w, const at::Tensor& c, c10::string_view route,
                      bool accumulate, const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(a.dim() == 2 && w.dim() == 2 && c.dim() == 2, "rnnext::_step_gemm: a, w and c must be 2-D");
