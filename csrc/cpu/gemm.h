@@ -559,6 +559,16 @@ inline const Api& api() {
 }
 }  // namespace mkl_packed
 
+// Rows [row0, row0 + n) of each of `groups` groups of group_rows rows of w, one group after
+// the other (a unit block's rows of every gate of a gate-major weight or bias); w itself when
+// that is all of it.
+inline at::Tensor row_groups(const at::Tensor& w, int64_t groups, int64_t group_rows, int64_t row0, int64_t n) {
+  if (row0 == 0 && n == group_rows) return w;
+  std::vector<at::Tensor> parts;
+  for (int64_t g = 0; g < groups; ++g) parts.push_back(w.narrow(0, g * group_rows + row0, n));
+  return at::cat(parts, 0);
+}
+
 // C[rows, n] = A[rows, k] @ W^T (+ C) for one weight W [n, k] multiplied many times (once
 // per time step, or once per chunk of steps). How is chosen once, at construction: for
 // float32 with AVX-512 or AVX2, our packed GEMM (packed_gemm.h) for step-sized products
@@ -612,19 +622,17 @@ class StepWeight {
            max_rows <= max_own_gemm_rows(own_kernel);
   }
 
-  // The [groups * n, k] weight made of rows [row0, row0 + n) of each of `groups` groups of
-  // group_rows rows of a contiguous w: a unit block's rows of every gate of W_hh. Packed
-  // straight from w where our packed GEMM takes it (copying the rows together first cost ~7 ms
-  // of an LSTM T=50, B=64, H=1024 forward's ~290), else from their concatenation.
+  // The weight row_groups(w, ...) [groups * n, k]: a unit block's rows of every gate of
+  // W_hh. Packed straight from a contiguous w where our packed GEMM takes it (copying the rows
+  // together first cost ~7 ms of an LSTM T=50, B=64, H=1024 forward's ~290), else from
+  // row_groups' concatenation.
   static StepWeight of_row_groups(const at::Tensor& w, int64_t groups, int64_t group_rows, int64_t row0, int64_t n,
                                   int64_t max_rows, int64_t uses = kMinUsesToPack) {
-    if (row0 == 0 && n == group_rows) return StepWeight(w, max_rows, uses);
-    if (takes_own_gemm(max_rows, uses) && w.is_contiguous()) {
+    const bool part = !(row0 == 0 && n == group_rows);
+    if (part && takes_own_gemm(max_rows, uses) && w.is_contiguous()) {
       return StepWeight(PackedRowGroups{}, w, groups, group_rows, row0, n);
     }
-    std::vector<at::Tensor> parts;
-    for (int64_t g = 0; g < groups; ++g) parts.push_back(w.narrow(0, g * group_rows + row0, n));
-    return StepWeight(at::cat(parts, 0), max_rows, uses);
+    return StepWeight(row_groups(w, groups, group_rows, row0, n), max_rows, uses);
   }
 
   // W^T for a contiguous w [k, n] (W_hh^T, W_hr^T in backward). Used fewer than

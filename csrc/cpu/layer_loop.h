@@ -170,15 +170,6 @@ void take_blocks(int64_t n_blocks, const F& run_block) {
   }
 }
 
-// The rows of W (gate-major [G*H, cols]) that belong to units [j0, j0 + n) of every gate:
-// [G*n, cols]. Bias vectors [G*H] work the same way with cols = 1.
-inline at::Tensor gate_rows(const at::Tensor& w, int64_t G, int64_t H, const UnitBlock& ub) {
-  if (ub.j0 == 0 && ub.n == H) return w;
-  std::vector<at::Tensor> parts;
-  for (int64_t g = 0; g < G; ++g) parts.push_back(w.narrow(0, g * H + ub.j0, ub.n));
-  return at::cat(parts, 0);
-}
-
 // Asks the cache for units [0, n) of each of G gates of one row of gi (gate stride H).
 template <typename T>
 inline void prefetch_gates(const T* gi, int64_t G, int64_t H, int64_t n) {
@@ -341,11 +332,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(const Tensor& x_in, con
     for (const UnitBlock& ub : blocks) {
       w_block.push_back(StepWeight<scalar_t>::of_row_groups(w_hh_c, G, H, ub.j0, ub.n, B, st.T));
       w_block.back().set_streaming(streaming);
-      b_block.push_back(gh_bias ? gate_rows(*b_hh, G, H, ub).contiguous() : Tensor());
+      b_block.push_back(gh_bias ? row_groups(*b_hh, G, H, ub.j0, ub.n).contiguous() : Tensor());
       if (fuse_input) {
         w_ih_block.push_back(StepWeight<scalar_t>::of_row_groups(w_ih, G, H, ub.j0, ub.n, B, st.T));
         w_ih_block.back().set_streaming(streaming);
-        b_ih_block.push_back(gi_bias.has_value() ? gate_rows(*gi_bias, G, H, ub).contiguous() : Tensor());
+        b_ih_block.push_back(gi_bias.has_value() ? row_groups(*gi_bias, G, H, ub.j0, ub.n).contiguous() : Tensor());
       }
     }
     auto data_or_null = [](const Tensor& t) { return t.defined() ? t.data_ptr<scalar_t>() : nullptr; };

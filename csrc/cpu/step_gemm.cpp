@@ -36,11 +36,11 @@ at::Tensor step_gemm(const at::Tensor& a, const at::Tensor& w, const at::Tensor&
   // CPU has, or at those a suffix names ("small_nt@32": AVX2's).
   const std::string name(route);
   const std::string few_rows = name.substr(0, name.find('@'));
+  const bool few_row_route = few_rows == "small_nt" || few_rows == "small_nn" || few_rows == "small_tn";
   TORCH_CHECK(!bias.has_value() || (bias->dim() == 1 && bias->size(0) == n && bias->scalar_type() == at::kFloat &&
-                                    !accumulate && (name == "avx512" || name == "avx2" || name == "blas" ||
-                                                    name == "auto" || name == "0" || name == "1")),
+                                    !accumulate && !few_row_route && name != "onednn_tn"),
               "rnnext::_step_gemm: a bias is a float32 [n] for the per-step routes, without accumulate");
-  if (few_rows == "small_nt" || few_rows == "small_nn" || few_rows == "small_tn") {
+  if (few_row_route) {
     int bytes = 0;
     if (few_rows.size() < name.size()) {
       const std::string width = name.substr(few_rows.size() + 1);
