@@ -21,6 +21,10 @@ A route this CPU lacks is skipped with the reason (absent hardware: AVX-512 or A
 from __future__ import annotations
 
 import itertools
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -384,6 +388,44 @@ def test_layers_with_large_weight_gradients_match_torch(cell):
         torch.backends.mkldnn.enabled = was_enabled
     assert calls == {LINEAR: 0, MATMUL: 0, MM: 3}
     assert_results_close(plain, first, f"{cell} oneDNN vs at::mm", scale_atol=True)
+
+
+# Run in a fresh process whose oneDNN is capped below AVX-512 (ONEDNN_MAX_CPU_ISA, read once
+# when oneDNN starts), so that torch's mkldnn_matmul refuses float32 on a CPU where gemm.h
+# routes it: the backward must warn once, in one line, finish on at::mm, and leave the route.
+_MATMUL_FAILURE_SCRIPT = r"""
+import warnings
+import torch
+from helpers import assert_results_close, make_inputs, make_pair, run
+from test_cpu_gemm import LINEAR, MATMUL, MM, _onednn_calls
+ref, ours = make_pair("LSTM", 520, 512, dtype=torch.float32, seed=2)
+x, hx = make_inputs(ref, with_hx=True, seq_len=16, batch=64)
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    first, calls = _onednn_calls(lambda: run(ours, x, hx))
+    again, calls_again = _onednn_calls(lambda: run(ours, x, hx))
+failed = [str(w.message) for w in caught if "oneDNN's matmul failed" in str(w.message)]
+assert len(failed) == 1, failed
+assert "\n" not in failed[0] and "frame #" not in failed[0], failed[0]
+assert calls[MATMUL] == 1 and calls[MM] == 3, calls  # the failed call, then at::mm for all three
+# the route stays off: grad_x by oneDNN linear, the weight gradients by at::mm, as on AVX2
+assert calls_again == {LINEAR: 1, MATMUL: 0, MM: 2}, calls_again
+assert_results_close(run(ref, x, hx), first, "LSTM after the fallback", scale_atol=True)
+assert_results_close(first, again, "LSTM on at::mm, run to run", scale_atol=True)
+print("fell back")
+"""
+
+
+def test_onednn_matmul_failure_warns_once_and_falls_back_to_mm():
+    if not _matmul_route():
+        pytest.skip("no oneDNN matmul route on this CPU (it needs AVX-512 BW, VL and DQ)")
+    tests_dir = Path(__file__).resolve().parent
+    env = dict(os.environ, ONEDNN_MAX_CPU_ISA="AVX2")
+    env["PYTHONPATH"] = os.pathsep.join([str(tests_dir.parent), str(tests_dir)] + (
+        [env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    proc = subprocess.run([sys.executable, "-c", _MATMUL_FAILURE_SCRIPT], cwd=str(tests_dir), env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "fell back" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-3000:]
 
 
 @pytest.mark.parametrize("cell", ("LSTM", "GRU", "RNN_TANH"))

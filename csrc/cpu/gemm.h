@@ -798,7 +798,8 @@ class OneDnnLinear {
 // refuses them elsewhere, e.g. on AVX2-only CPUs, which keep at::mm and OneDnnLinear), and
 // products of at least kMinWork multiply-adds, and only while oneDNN is on (RNNEXT_ONEDNN and
 // torch.backends.mkldnn.enabled). A call that fails other than for memory (a torch build
-// whose oneDNN refuses) warns once, turns the route off for the process and takes at::mm.
+// whose oneDNN refuses, or one capped below AVX-512 by ONEDNN_MAX_CPU_ISA) warns once, takes
+// at::mm, and turns the route off for the process (the products then route as on AVX2 CPUs).
 // Under torch.backends.mkldnn's reduced float32 matmul precision (bf16) oneDNN computes as
 // at::mm then does, in that precision. Visible to the profiler as "rnnext::onednn_matmul".
 class OneDnnMatmul {
@@ -821,7 +822,10 @@ class OneDnnMatmul {
     } catch (const c10::OutOfMemoryError&) {
       throw;  // at::mm would need the same memory
     } catch (const std::exception& e) {
-      TORCH_WARN_ONCE("rnnext: oneDNN's matmul failed (", e.what(), "); backward products use at::mm from now on");
+      // c10::Error's what() carries a C++ backtrace: the warning gives its message only.
+      const auto* error = dynamic_cast<const c10::Error*>(&e);
+      TORCH_WARN_ONCE("rnnext: oneDNN's matmul failed (", error ? error->what_without_backtrace() : e.what(),
+                      "); the backward goes without it from now on");
       failed() = true;
       return at::mm(a, b);
     }
