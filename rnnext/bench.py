@@ -5,8 +5,9 @@ Each row times the same model (same weights, same input) in rnnext and in torch.
 same process, interleaved (ours, torch, floor, ours, torch, floor, ...), and reports medians.
 "fwd" is inference (eval mode, no grad); "train" is forward + backward of a loss over the
 output and the final states. The floor is the time of the row's GEMMs alone (same shapes and
-counts), each on the fastest GEMM found here (torch.mm, i.e. MKL/OpenBLAS, or oneDNN with a
-prepacked weight), timed in the same rounds as the pair; "of floor" is floor / rnnext time.
+counts), each on the fastest GEMM found here (torch.mm, i.e. MKL/OpenBLAS, or oneDNN with
+its weight reordered once per call), timed in the same rounds as the pair; "of floor" is
+floor / rnnext time.
 "saved MiB" is what autograd keeps between forward and backward (unique storages packed by
 saved-tensor hooks), torch.nn vs rnnext.
 
@@ -276,10 +277,17 @@ def _gemm_routes(m: int, n: int, k: int, count: int, device: torch.device,
         return lambda: torch.bmm(a_all, w_all, out=out_all)
 
     def onednn_linear():
+        # The weight's reorder into oneDNN's layout is timed once per call, as MKL's packing
+        # is inside each torch.mm: a caller's operands (a weight gradient's, or weights an
+        # optimizer step has changed) come in torch's layout, not prepacked.
         a, w = torch.randn(m, k, **factory), torch.randn(n, k, **factory)
-        packed = torch.ops.mkldnn._reorder_linear_weight(w, m)
-        torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [], "")
-        return lambda: [torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [], "") for _ in range(count)]
+
+        def run():
+            packed = torch.ops.mkldnn._reorder_linear_weight(w, m)
+            for _ in range(count):
+                torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [], "")
+        run()
+        return run
 
     routes = {"mm": mm_loop}
     if count > 1:
@@ -294,8 +302,8 @@ def _fastest_gemm(m: int, n: int, k: int, count: int, device="cpu",
     """A function doing `count` products [m, k] x [k, n] on `device` in `dtype`, on the fastest
     route measured there (once per shape; _ROUTE_CACHE): a loop of torch.mm (MKL/OpenBLAS on
     the CPU, cuBLAS on CUDA), one batched torch.bmm over all `count` (which leaves out
-    Python's per-call cost for small products), and on the CPU a loop of oneDNN linear with a
-    prepacked weight."""
+    Python's per-call cost for small products), and on the CPU a loop of oneDNN linear on
+    the weight reordered once per call."""
     device = torch.device(device)
     routes = _gemm_routes(m, n, k, count, device, dtype)
     key = (m, n, k, count, str(device), dtype)
