@@ -140,6 +140,22 @@ def test_input_product_per_step_blocks_taken_in_turn(cell):
     compare(run(ref, x, hx), run(ours, x, hx), torch.float32)
 
 
+# W_ih and W_hh of 16 MiB or more together (here 1 + 16 MiB): the AVX-512 kernel projects
+# the input per chunk of steps even at 35 rows, the AVX2 kernel per step and unit block
+# (layer_loop.h, fuse_input_product). Each route this CPU has, against torch.nn.
+@pytest.mark.parametrize("route", ("avx512", "avx2"))
+def test_large_weights_input_product_per_kernel(route):
+    require_gemm_route(route)
+    ref, ours = make_pair("LSTM", 64, 1024, dtype=torch.float32, seed=3)
+    x, hx = make_inputs(ref, with_hx=True, seq_len=6, batch=FUSED_BATCH)
+    assert (ref.weight_ih_l0.numel() + ref.weight_hh_l0.numel()) * 4 >= 16 << 20
+    with cpu_option("own_gemm", route):
+        got = run(ours, x, hx)
+        got_packed = run_packed(ours, x, FUSED_LENGTHS, hx, False)
+    compare(run(ref, x, hx), got, torch.float32)
+    compare(run_packed(ref, x, FUSED_LENGTHS, hx, False), got_packed, torch.float32)
+
+
 STREAMED = list(itertools.product(CELLS, (8, FUSED_BATCH)))
 
 

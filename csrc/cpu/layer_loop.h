@@ -185,10 +185,21 @@ inline void prefetch_gates(const T* gi, int64_t G, int64_t H, int64_t n) {
 // over a [rows, G*H] buffer for the whole sequence, and the input product is split across
 // threads like the recurrent one. Measured (T=100, B=32, H=256 LSTM, 2 threads): 5-10 %
 // faster than projecting a chunk of steps at a time; at B <= 16 the per-step product is too
-// small to run at full speed and the chunks (below) win.
+// small to run at full speed and the chunks (below) win. With the AVX-512 kernel it is not
+// fused either once W_ih and W_hh together reach kFuseInputMaxWeightBytes (half the 32 MiB
+// L3 of the machines we bench): read every step they stream from memory, and that kernel
+// does not prefetch a streamed weight (see packed_gemm.h, group_rows_512), while per chunk
+// W_ih is read once for several steps. Measured on Zen 4, T=50 B=64 H=1024 forward, 8 and
+// 3 pairs of processes in turn: LSTM (32 MiB fused) ratio to torch.nn 0.99 -> 1.02 on
+// average, GRU (24 MiB) 5 % faster; the RNN (8 MiB) stays fused, 2-4 % faster so. The AVX2
+// kernel, which prefetches streamed weights, measured 3-8 % slower per chunk on the same
+// machine capped to AVX2, so it keeps the fused product.
 constexpr int64_t kFuseInputMinRows = 32;
+constexpr int64_t kFuseInputMaxWeightBytes = int64_t(16) << 20;
 
-inline bool fuse_input_product(int64_t B, int64_t n_blocks) { return B >= kFuseInputMinRows && n_blocks > 1; }
+inline bool fuse_input_product(int64_t B, int64_t n_blocks, int64_t weight_bytes, bool avx512_kernel) {
+  return B >= kFuseInputMinRows && n_blocks > 1 && !(avx512_kernel && weight_bytes >= kFuseInputMaxWeightBytes);
+}
 
 // Weights read per forward step from options::streaming_bytes() on (RNNEXT_STREAMING_BYTES,
 // default 16 MiB) are taken to stream from memory (half the 32 MiB L3 of the machine we
@@ -288,7 +299,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(const Tensor& x_in, con
   // chunk with no projection of its own).
   OptTensor gi_bias;
   if (b_ih.has_value()) gi_bias = (gh_bias ? *b_ih : (*b_ih + *b_hh)).contiguous();
-  const bool fuse_input = fuse_input_product(B, n_blocks);
+  const bool fuse_input =
+      fuse_input_product(B, n_blocks, (w_ih.numel() + w_hh_c.numel()) * x.element_size(),
+                         x.scalar_type() == at::kFloat && options::own_gemm() == packed_gemm::Kernel::kAvx512);
   const std::vector<StepChunk> chunks =
       fuse_input ? std::vector<StepChunk>{{0, st.T, 0, st.N}} : step_chunks(st, GH * x.element_size(), reverse);
   int64_t chunk_cap = 0;
