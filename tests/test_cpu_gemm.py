@@ -29,7 +29,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import rnnext
 from helpers import (CELLS, assert_results_close, assert_results_equal, cpu_option, make_inputs, make_pair,
                      require_gemm_route, run)
 from rnnext import _C
@@ -319,27 +318,21 @@ def _onednn_calls(fn):
     return result, {name: sum(e.name == name for e in prof.events()) for name in (LINEAR, MATMUL, MM)}
 
 
-def _has_avx512():
-    try:
-        torch.ops.rnnext._step_gemm(torch.ones(1, 1), torch.ones(1, 1), torch.zeros(1, 1), "avx512", False)
-    except ValueError:
-        return False
-    return True
-
-
-def _cpu_flags():
+def _cpu_takes_matmul():
+    """The CPU has what gemm.h's OneDnnMatmul asks for float32: AVX-512 BW, VL and DQ."""
     try:
         with open("/proc/cpuinfo") as f:
-            return next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
     except OSError:
-        return []
+        return False
+    return {"avx512bw", "avx512vl", "avx512dq"} <= set(flags)
 
 
 def _matmul_route():
     """oneDNN's matmul takes float32 products here, as gemm.h's OneDnnMatmul::route decides:
-    a CPU with AVX-512 BW, VL and DQ, a torch with oneDNN, and the route not turned off."""
-    return ({"avx512bw", "avx512vl", "avx512dq"} <= set(_cpu_flags()) and torch.backends.mkldnn.is_available()
-            and torch.backends.mkldnn.enabled and _C.cpu_option("onednn") == "1")
+    the CPU's flags, a torch with oneDNN, and the route not turned off."""
+    return (_cpu_takes_matmul() and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+            and _C.cpu_option("onednn") == "1")
 
 
 def test_onednn_weight_gradient_route_matches_float64():
@@ -417,7 +410,7 @@ print("fell back")
 
 
 def test_onednn_matmul_failure_warns_once_and_falls_back_to_mm():
-    if not {"avx512bw", "avx512vl", "avx512dq"} <= set(_cpu_flags()):
+    if not _cpu_takes_matmul():
         pytest.skip("no AVX-512 BW/VL/DQ on this CPU: rnnext never routes to oneDNN's matmul here")
     tests_dir = Path(__file__).resolve().parent
     env = dict(os.environ, ONEDNN_MAX_CPU_ISA="AVX2", RNNEXT_ONEDNN="1")

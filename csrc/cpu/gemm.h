@@ -768,10 +768,10 @@ class OneDnnLinear {
   }
 
   // x [m, k] (rows contiguous) -> new [m, n] tensor.
-  at::Tensor operator()(const at::Tensor& x, const std::optional<at::Tensor>& bias = std::nullopt) const {
-    std::vector<c10::IValue> stack{x, packed_, bias.has_value() ? c10::IValue(*bias) : c10::IValue(),
-                                   c10::IValue(std::string("none")), c10::IValue(c10::List<std::optional<at::Scalar>>()),
-                                   c10::IValue(std::string(""))};
+  at::Tensor operator()(const at::Tensor& x) const {
+    // _linear_pointwise(input, packed weight, bias, attr, scalars, algorithm)
+    std::vector<c10::IValue> stack{x, packed_, c10::IValue(), c10::IValue(std::string("none")),
+                                   c10::IValue(c10::List<std::optional<at::Scalar>>()), c10::IValue(std::string(""))};
     linear_->callBoxed(&stack);
     return stack[0].toTensor();
   }
