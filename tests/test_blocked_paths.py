@@ -20,8 +20,8 @@ import itertools
 import pytest
 import torch
 
-from helpers import (CELLS, assert_results_close, assert_results_equal, cpu_option, make_inputs, make_pair,
-                     require_gemm_route, run, run_packed)
+from helpers import (CELL_KINDS, CELLS, assert_results_close, assert_results_equal, cpu_option, make_inputs,
+                     make_pair, require_gemm_route, run, run_cell, run_packed)
 
 SEQ, BATCH, IN, HID = 7, 24, 40, 152
 LENGTHS = [7, 3, 5, 7, 1, 6, 2, 4, 7, 5, 3, 6, 1, 2, 7, 4, 5, 6, 3, 2, 7, 1, 4, 6]  # unsorted
@@ -176,3 +176,35 @@ def test_streamed_weight_prefetch(cell, batch):
             streamed = run(ours, x, hx)
     compare(run(ref, x, hx), streamed, torch.float32)
     assert_results_equal(default, streamed, what="streamed weights")
+
+
+# One or two steps per call: with one unit block, the first step's recurrent product runs
+# beside the input projection, one per thread (layer_loop.h, overlap_first_step), once each
+# has 2^16 multiply-adds; at B=24, I=40, H=152 every cell's do (RNN: 24 x 152 x 40 = 146K).
+SHORT = list(itertools.product(CELLS, DTYPES, (1, 2)))
+
+
+@pytest.mark.parametrize("cell,dtype,seq_len", SHORT, ids=[f"{c}-{str(d)[6:]}-T{t}" for c, d, t in SHORT])
+def test_short_sequences_first_step_beside_input_projection(cell, dtype, seq_len):
+    """Two bidirectional layers (the reverse direction starts from its last step), padded
+    and packed (in reverse, rows that begin later join from h0), without and with hx."""
+    ref, ours = make_pair(cell, IN, HID, dtype=dtype, num_layers=2, bidirectional=True)
+    for with_hx in (False, True):
+        x, hx = make_inputs(ref, with_hx=with_hx, seq_len=seq_len, batch=BATCH)
+        compare(run(ref, x, hx), run(ours, x, hx), dtype)
+    lengths = [seq_len - i % seq_len for i in range(BATCH)]
+    compare(run_packed(ref, x, lengths, hx, False), run_packed(ours, x, lengths, hx, False), dtype)
+
+
+CELL_DTYPES = list(itertools.product(CELL_KINDS, DTYPES))
+
+
+@pytest.mark.parametrize("kind,dtype", CELL_DTYPES, ids=[f"{k}-{str(d)[6:]}" for k, d in CELL_DTYPES])
+def test_cells_first_step_beside_input_projection(kind, dtype):
+    ref, ours = make_pair(kind, IN, HID, dtype=dtype)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(BATCH, IN, generator=g, dtype=dtype)
+    h = 0.5 * torch.randn(BATCH, HID, generator=g, dtype=dtype)
+    hx = (h, 0.5 * torch.randn(BATCH, HID, generator=g, dtype=dtype)) if kind == "LSTMCell" else h
+    for state in (None, hx):
+        assert_results_close(run_cell(ref, x, state), run_cell(ours, x, state), kind, scale_atol=True)
