@@ -209,9 +209,10 @@ inline bool fuse_input_product(int64_t B, int64_t n_blocks, int64_t weight_bytes
 // Zen 4 (two threads, calls alternated in one process, forward): LSTMCell, GRUCell, RNNCell
 // at B=32, H=256 1.19x, 1.28x, 1.25x faster in float32 and 1.21x, 1.17x, 1.03x in float64;
 // LSTM B=1 H=256 one step 1.25x, GRU 1.08x; training calls 0.97-1.16x, within those runs'
-// noise.
+// noise. Only with two threads, where it was measured: with more, one product per thread
+// would leave the others idle, so each product keeps its split across all of them.
 inline bool overlap_first_step(int64_t n_blocks, bool fuse_input, int64_t gh_work, int64_t gi_work) {
-  return n_blocks == 1 && !fuse_input && at::get_num_threads() >= 2 && !at::in_parallel_region() &&
+  return n_blocks == 1 && !fuse_input && at::get_num_threads() == 2 && !at::in_parallel_region() &&
          std::min(gh_work, gi_work) >= kMinThreadedWork;
 }
 
