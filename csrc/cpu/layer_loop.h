@@ -373,6 +373,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(const Tensor& x_in, con
     const bool overlap_first =
         !chunks.empty() && overlap_first_step(n_blocks, fuse_input, st.rows[reverse ? st.T - 1 : 0] * GH * Hout,
                                               chunks.front().rows * GH * sz.I);
+    // gh of unit block k for one step = h_prev @ W_hh[block]^T (+ b_hh[block]):
+    // [rows, Hout] x [Hout, G*n], at block k's offset B * G * j0 of gh.
+    auto recurrent_product = [&](int64_t k, int64_t rows, const scalar_t* h_prev) {
+      const UnitBlock& ub = blocks[k];
+      w_block[k].multiply_bias(rows, h_prev, Hout, data_or_null(b_block[k]), gh_ptr + B * G * ub.j0, G * ub.n);
+    };
     for (const StepChunk& ch : chunks) {
       // gi[chunk] = x[chunk] @ W_ih^T (+ bias): [rows, I] x [I, G*H]
       auto project = [&] {
@@ -380,16 +386,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(const Tensor& x_in, con
       };
       const bool first_gh_done = overlap_first && &ch == &chunks.front();
       if (first_gh_done) {
-        // gi of the chunk beside the first step's gh = h_prev @ W_hh^T (+ b_hh), whose
-        // h_prev is the initial state (h_state where rows join): one product per thread.
+        // gi of the chunk beside the first step's gh, whose h_prev is the initial state
+        // (h_state where rows join): one product per thread.
         const int64_t t = reverse ? ch.t1 - 1 : ch.t0;
         at::parallel_for(0, 2, 1, [&](int64_t i0, int64_t i1) {
           for (int64_t i = i0; i < i1; ++i) {
             if (i == 0) {
               project();
             } else {
-              w_block[0].multiply_bias(st.rows[t], rows_join ? h_ptr : h0_ptr, Hout, data_or_null(b_block[0]), gh_ptr,
-                                       GH);
+              recurrent_product(0, st.rows[t], rows_join ? h_ptr : h0_ptr);
             }
           }
         });
@@ -419,10 +424,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(const Tensor& x_in, con
           const UnitBlock& ub = blocks[k];
           const int64_t gn = G * ub.n;
           scalar_t* gh_k = gh_ptr + B * G * ub.j0;
-          // gh = h_prev @ W_hh[block]^T (+ b_hh[block]): [rows, Hout] x [Hout, G*n]
-          if (!(first_gh_done && s == 0)) {
-            w_block[k].multiply_bias(rows, h_prev, Hout, data_or_null(b_block[k]), gh_k, gn);
-          }
+          if (!(first_gh_done && s == 0)) recurrent_product(k, rows, h_prev);
           ForwardStep<scalar_t> step;
           step.H = H;
           step.n = ub.n;
