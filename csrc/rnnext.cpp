@@ -68,8 +68,8 @@ PyObject* built_with_cuda(PyObject*, PyObject*) {
 }
 
 // _C.cpu_option(name, value=None) -> the CPU option's value as text (csrc/cpu/options.h:
-// own_gemm, mkl_packed, onednn, streaming_bytes, chunk_rows); given a value, sets it first
-// (validated as its environment variable is). _C.cpu_option() -> all of them, as a dict:
+// own_gemm, mkl_packed, onednn, streaming_bytes, chunk_rows, bf16_gemm); given a value, sets
+// it first (validated as its environment variable is). _C.cpu_option() -> all of them, as a dict:
 // rnnext/_ops.py calls it at import, so a malformed variable is a ValueError there.
 PyObject* cpu_option(PyObject*, PyObject* args) {
   namespace opt = rnnext::cpu::options;
@@ -79,7 +79,7 @@ PyObject* cpu_option(PyObject*, PyObject* args) {
   try {
     if (name == nullptr) {
       PyObject* all = PyDict_New();
-      for (const char* key : {"own_gemm", "mkl_packed", "onednn", "streaming_bytes", "chunk_rows"}) {
+      for (const char* key : {"own_gemm", "mkl_packed", "onednn", "streaming_bytes", "chunk_rows", "bf16_gemm"}) {
         PyObject* text = PyUnicode_FromString(opt::get(key).c_str());
         PyDict_SetItemString(all, key, text);
         Py_DECREF(text);

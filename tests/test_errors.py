@@ -323,11 +323,11 @@ def _ctor_cases():
         for case, args, kwargs, words in common:
             out.append((f"{name}-{case}", ref_cls, our_cls, args, kwargs, words))
         if name == "LSTM":
-            out += [(f"LSTM-proj_size_equal_hidden", ref_cls, our_cls, (I, H), dict(proj_size=H), ["proj_size"]),
-                    (f"LSTM-proj_size_above_hidden", ref_cls, our_cls, (I, H), dict(proj_size=H + 2), ["proj_size"]),
-                    (f"LSTM-proj_size_negative", ref_cls, our_cls, (I, H), dict(proj_size=-1), ["proj_size"]),
-                    (f"LSTM-proj_size_float", ref_cls, our_cls, (I, H), dict(proj_size=2.0), ["proj_size"]),
-                    (f"LSTM-nonlinearity_kwarg", ref_cls, our_cls, (I, H), dict(nonlinearity="relu"), ["nonlinearity"])]
+            out += [("LSTM-proj_size_equal_hidden", ref_cls, our_cls, (I, H), dict(proj_size=H), ["proj_size"]),
+                    ("LSTM-proj_size_above_hidden", ref_cls, our_cls, (I, H), dict(proj_size=H + 2), ["proj_size"]),
+                    ("LSTM-proj_size_negative", ref_cls, our_cls, (I, H), dict(proj_size=-1), ["proj_size"]),
+                    ("LSTM-proj_size_float", ref_cls, our_cls, (I, H), dict(proj_size=2.0), ["proj_size"]),
+                    ("LSTM-nonlinearity_kwarg", ref_cls, our_cls, (I, H), dict(nonlinearity="relu"), ["nonlinearity"])]
         else:
             out += [(f"{name}-proj_size", ref_cls, our_cls, (I, H), dict(proj_size=2), ["proj_size"]),
                     (f"{name}-proj_size_zero_given", ref_cls, our_cls, (I, H), dict(proj_size=0), ["proj_size"]),

@@ -12,9 +12,10 @@ import pytest
 from helpers import cpu_option
 from rnnext import _C
 
-DEFAULTS = {"mkl_packed": "1", "onednn": "1", "streaming_bytes": str(16 << 20), "chunk_rows": "auto"}
+DEFAULTS = {"mkl_packed": "1", "onednn": "1", "streaming_bytes": str(16 << 20), "chunk_rows": "auto", "bf16_gemm": "1"}
 VARIABLES = {"own_gemm": "RNNEXT_OWN_GEMM", "mkl_packed": "RNNEXT_MKL_PACKED", "onednn": "RNNEXT_ONEDNN",
-             "streaming_bytes": "RNNEXT_STREAMING_BYTES", "chunk_rows": "RNNEXT_CHUNK_ROWS"}
+             "streaming_bytes": "RNNEXT_STREAMING_BYTES", "chunk_rows": "RNNEXT_CHUNK_ROWS",
+             "bf16_gemm": "RNNEXT_BF16_GEMM"}
 
 
 def _import_with(**env) -> subprocess.CompletedProcess:
@@ -35,15 +36,16 @@ def test_defaults():
 
 def test_variables_are_read_at_import():
     done = _import_with(RNNEXT_OWN_GEMM="blas", RNNEXT_MKL_PACKED="0", RNNEXT_ONEDNN="0",
-                        RNNEXT_STREAMING_BYTES="1024", RNNEXT_CHUNK_ROWS="50")
+                        RNNEXT_STREAMING_BYTES="1024", RNNEXT_CHUNK_ROWS="50", RNNEXT_BF16_GEMM="0")
     assert done.returncode == 0, done.stderr
     assert dict(eval(done.stdout)) == {"own_gemm": "blas", "mkl_packed": "0", "onednn": "0",  # noqa: S307
-                                       "streaming_bytes": "1024", "chunk_rows": "50"}
+                                       "streaming_bytes": "1024", "chunk_rows": "50", "bf16_gemm": "0"}
 
 
 MALFORMED = [("RNNEXT_OWN_GEMM", "fastest"), ("RNNEXT_OWN_GEMM", ""), ("RNNEXT_MKL_PACKED", "no"), ("RNNEXT_ONEDNN", "true"),
              ("RNNEXT_STREAMING_BYTES", "16M"), ("RNNEXT_STREAMING_BYTES", "-1"), ("RNNEXT_STREAMING_BYTES", ""),
-             ("RNNEXT_CHUNK_ROWS", "0"), ("RNNEXT_CHUNK_ROWS", "1e3"), ("RNNEXT_CHUNK_ROWS", " 5")]
+             ("RNNEXT_CHUNK_ROWS", "0"), ("RNNEXT_CHUNK_ROWS", "1e3"), ("RNNEXT_CHUNK_ROWS", " 5"),
+             ("RNNEXT_BF16_GEMM", "yes")]
 
 
 @pytest.mark.parametrize("variable,value", MALFORMED, ids=[f"{v}={x!r}" for v, x in MALFORMED])
@@ -63,7 +65,7 @@ def test_set_and_restore():
 
 
 @pytest.mark.parametrize("name,value", [("chunk_rows", "0"), ("streaming_bytes", "x"), ("onednn", "2"),
-                                        ("own_gemm", "sse")])
+                                        ("own_gemm", "sse"), ("bf16_gemm", "on")])
 def test_set_rejects_malformed_values(name, value):
     before = _C.cpu_option(name)
     with pytest.raises(ValueError, match=f"cpu_option {name}='{value}'"):

@@ -30,6 +30,7 @@
 #include "../layer_ops.h"
 #include "gemm.h"
 #include "options.h"
+#include "packed_gemm_bf16.h"
 #include "scratch.h"
 
 namespace rnnext {
@@ -272,6 +273,12 @@ void gather_h_prev(const Steps& st, bool reverse, const T* y, const T* h0, int64
   }
 }
 
+// A bfloat16 layer's x [N, I] and W_ih [G*H, I] as given (contiguous), beside their float32
+// widening: its input projection multiplies them on bfloat16 dot products (Bf16StepWeight).
+struct Bf16Inputs {
+  Tensor x, w_ih;
+};
+
 // Forward over the whole sequence. Returns y ([T, B, Hout] or [N, Hout]), h_n [B, Hout],
 // c_n [B, H] (undefined for cells without c) and the workspace [N, ws_cols] — [0, ws_cols]
 // when need_backward is false: inference writes only what the next step reads.
@@ -286,7 +293,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(const Tensor& x_in, con
                                                          const Tensor& w_ih, const Tensor& w_hh, const OptTensor& b_ih,
                                                          const OptTensor& b_hh, const OptTensor& w_hr,
                                                          const OptTensor& batch_sizes, bool reverse,
-                                                         bool need_backward) {
+                                                         bool need_backward,
+                                                         const std::optional<Bf16Inputs>& bf16 = std::nullopt) {
   const LayerSizes sz =
       check_forward_args<Cell>(kCpuBackend, x_in, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes);
   const Steps& st = sz.steps;
@@ -343,9 +351,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(const Tensor& x_in, con
     scalar_t* c_ptr = Cell::kHasCellState ? c_state.data_ptr<scalar_t>() : nullptr;
     scalar_t* gi_ptr = gi.data_ptr<scalar_t>();
     const scalar_t* x_ptr = x.data_ptr<scalar_t>();
+    // A bfloat16 layer's input projection on bfloat16 dot products (packed_gemm_bf16.h), from
+    // its own bfloat16 x and W_ih (x and w_ih here are their float32 widening).
+    const bool bf16_projection = std::is_same_v<scalar_t, float> && bf16.has_value() &&
+                                 Bf16StepWeight::takes(st.T, StepWeight<float>::kMinUsesToPack);
+    const at::BFloat16* x_bf16_ptr = bf16_projection ? bf16->x.data_ptr<at::BFloat16>() : nullptr;
     const std::optional<StepWeight<scalar_t>> w_ih_step =
-        fuse_input ? std::nullopt
-                   : std::make_optional<StepWeight<scalar_t>>(w_ih, chunk_cap, st.T);
+        fuse_input || bf16_projection ? std::nullopt
+                                      : std::make_optional<StepWeight<scalar_t>>(w_ih, chunk_cap, st.T);
+    const std::optional<Bf16StepWeight> w_ih_bf16_step =
+        !fuse_input && bf16_projection ? std::make_optional<Bf16StepWeight>(bf16->w_ih) : std::nullopt;
     const int64_t h_out_ld = sz.proj ? (need_backward ? ws_cols : H) : Hout;
     // y = r @ W_hr^T with a projection.
     const std::optional<StepWeight<scalar_t>> w_hr_step =
@@ -353,6 +368,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(const Tensor& x_in, con
     // Each unit block's slice of W_hh [G*n, Hout] and of b_hh [G*n]; fused, also of W_ih
     // [G*n, I] and of gi's bias [G*n].
     std::vector<StepWeight<scalar_t>> w_block, w_ih_block;
+    std::vector<Bf16StepWeight> w_ih_bf16_block;
     std::vector<Tensor> b_block, b_ih_block;
     const int64_t step_weight_bytes = (w_hh_c.numel() + (fuse_input ? w_ih.numel() : 0)) * x.element_size();
     const bool streaming = step_weight_bytes >= options::streaming_bytes();
@@ -361,13 +377,30 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(const Tensor& x_in, con
       w_block.push_back(StepWeight<scalar_t>::of_row_groups(w_hh_c, G, H, ub.j0, ub.n, B, st.T));
       w_block.back().set_streaming(streaming);
       b_block.push_back(gh_bias ? row_groups(*b_hh, G, H, ub.j0, ub.n).contiguous() : Tensor());
-      if (fuse_input) {
+      if (fuse_input && bf16_projection) {
+        w_ih_bf16_block.emplace_back(bf16->w_ih, G, H, ub.j0, ub.n);
+      } else if (fuse_input) {
         w_ih_block.push_back(StepWeight<scalar_t>::of_row_groups(w_ih, G, H, ub.j0, ub.n, B, st.T));
         w_ih_block.back().set_streaming(streaming);
+      }
+      if (fuse_input) {
         b_ih_block.push_back(gi_bias.has_value() ? row_groups(*gi_bias, G, H, ub.j0, ub.n).contiguous() : Tensor());
       }
     }
     auto data_or_null = [](const Tensor& t) { return t.defined() ? t.data_ptr<scalar_t>() : nullptr; };
+    // C [rows, ldc] = x rows [row0, row0 + rows) @ W_ih^T (+ bias): the whole W_ih (k < 0), or
+    // unit block k's rows of it (fused).
+    auto input_product_rows = [&](int64_t k, int64_t rows, int64_t row0, const scalar_t* bias, scalar_t* c,
+                                  int64_t ldc) {
+      if (bf16_projection) {  // (float only: the widened bfloat16 layer)
+        const Bf16StepWeight& w = k < 0 ? *w_ih_bf16_step : w_ih_bf16_block[k];
+        w.multiply_bias(rows, x_bf16_ptr + row0 * sz.I, sz.I, reinterpret_cast<const float*>(bias),
+                        reinterpret_cast<float*>(c), ldc);
+        return;
+      }
+      const StepWeight<scalar_t>& w = k < 0 ? *w_ih_step : w_ih_block[k];
+      w.multiply_bias(rows, x_ptr + row0 * sz.I, sz.I, bias, c, ldc);
+    };
     const scalar_t* gi_bias_ptr = gi_bias.has_value() ? gi_bias->data_ptr<scalar_t>() : nullptr;
     // (The first step processed is st.T - 1 in reverse; its chunk is chunks.front().)
     const bool overlap_first =
@@ -382,7 +415,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(const Tensor& x_in, con
     for (const StepChunk& ch : chunks) {
       // gi[chunk] = x[chunk] @ W_ih^T (+ bias): [rows, I] x [I, G*H]
       auto project = [&] {
-        w_ih_step->multiply_bias(ch.rows, x_ptr + ch.row0 * sz.I, sz.I, gi_bias_ptr, gi_ptr, GH);
+        input_product_rows(-1, ch.rows, ch.row0, gi_bias_ptr, gi_ptr, GH);
       };
       const bool first_gh_done = overlap_first && &ch == &chunks.front();
       if (first_gh_done) {
@@ -431,7 +464,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(const Tensor& x_in, con
           if (fuse_input) {
             // gi = x_t @ W_ih[block]^T (+ bias[block]): [rows, I] x [I, G*n]
             scalar_t* gi_k = gi_ptr + B * G * ub.j0;
-            w_ih_block[k].multiply_bias(rows, x_ptr + off * sz.I, sz.I, data_or_null(b_ih_block[k]), gi_k, gn);
+            input_product_rows(k, rows, off, data_or_null(b_ih_block[k]), gi_k, gn);
             step.gi = gi_k;
             step.gi_ld = gn;
             step.gi_gs = ub.n;
@@ -722,8 +755,13 @@ struct CpuLoop {
       return layer_forward<Cell>(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse, need_backward);
     }
     check_forward_args<Cell>(kCpuBackend, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes);
+    // bfloat16: x and W_ih as they are too, for the input projection's bfloat16 dot products.
+    std::optional<Bf16Inputs> bf16;
+    if (x.scalar_type() == at::kBFloat16 && options::bf16_gemm() && packed_gemm::cpu_has_bf16_dot()) {
+      bf16 = Bf16Inputs{x.contiguous().reshape({-1, x.size(-1)}), w_ih.contiguous()};
+    }
     auto out = layer_forward<Cell>(widen(x), widen(h0), widen(c0), widen(w_ih), widen(w_hh), widen(b_ih),
-                                   widen(b_hh), widen(w_hr), batch_sizes, reverse, need_backward);
+                                   widen(b_hh), widen(w_hr), batch_sizes, reverse, need_backward, bf16);
     const auto dtype = x.scalar_type();
     return {narrow_to(std::get<0>(out), dtype), narrow_to(std::get<1>(out), dtype),
             narrow_to(std::get<2>(out), dtype), std::get<3>(out)};

@@ -13,6 +13,9 @@
 //   streaming_bytes  RNNEXT_STREAMING_BYTES   bytes >= 0 (16 MiB): per-step weights from this
 //                                             size on are prefetched as streamed (AVX2 kernel)
 //   chunk_rows       RNNEXT_CHUNK_ROWS        rows >= 1, or auto (auto: ~4 MiB of gi per chunk)
+//   bf16_gemm        RNNEXT_BF16_GEMM         1 | 0 (1: a bfloat16 layer's input projection
+//                                             on bfloat16 dot products, where the CPU has
+//                                             AVX512-BF16; packed_gemm_bf16.h)
 #pragma once
 
 #include <c10/util/Exception.h>
@@ -33,7 +36,7 @@ constexpr int64_t kAutoChunkRows = 0;
 
 struct State {
   std::atomic<int> own_gemm;
-  std::atomic<bool> mkl_packed, onednn;
+  std::atomic<bool> mkl_packed, onednn, bf16_gemm;
   std::atomic<int64_t> streaming_bytes, chunk_rows;
 };
 
@@ -71,12 +74,14 @@ inline State& state() {
     const int64_t streaming = parse_count(env_or("RNNEXT_STREAMING_BYTES", std::to_string(kDefaultStreamingBytes).c_str()),
                                           "RNNEXT_STREAMING_BYTES", 0, false);
     const int64_t chunk = parse_count(env_or("RNNEXT_CHUNK_ROWS", "auto"), "RNNEXT_CHUNK_ROWS", 1, true);
+    const bool bf16 = parse_flag(env_or("RNNEXT_BF16_GEMM", "1"), "RNNEXT_BF16_GEMM");
     State* r = new State();
     r->own_gemm = own;
     r->mkl_packed = mkl;
     r->onednn = onednn;
     r->streaming_bytes = streaming;
     r->chunk_rows = chunk;
+    r->bf16_gemm = bf16;
     return r;
   }();
   return *s;
@@ -87,6 +92,7 @@ inline bool mkl_packed() { return state().mkl_packed.load(); }
 inline bool onednn() { return state().onednn.load(); }
 inline int64_t streaming_bytes() { return state().streaming_bytes.load(); }
 inline int64_t chunk_rows() { return state().chunk_rows.load(); }  // kAutoChunkRows: automatic
+inline bool bf16_gemm() { return state().bf16_gemm.load(); }
 
 // The option's value as text ("own_gemm" -> "avx512", "chunk_rows" -> "auto" or "50", ...).
 inline std::string get(const std::string& name) {
@@ -96,8 +102,9 @@ inline std::string get(const std::string& name) {
   if (name == "onednn") return s.onednn ? "1" : "0";
   if (name == "streaming_bytes") return std::to_string(s.streaming_bytes.load());
   if (name == "chunk_rows") return s.chunk_rows == kAutoChunkRows ? "auto" : std::to_string(s.chunk_rows.load());
+  if (name == "bf16_gemm") return s.bf16_gemm ? "1" : "0";
   TORCH_CHECK_VALUE(false, "rnnext: no CPU option '", name,
-                    "' (options: own_gemm, mkl_packed, onednn, streaming_bytes, chunk_rows)");
+                    "' (options: own_gemm, mkl_packed, onednn, streaming_bytes, chunk_rows, bf16_gemm)");
 }
 
 // Sets the option from text, validated as its variable is; later op calls see it.
@@ -110,6 +117,7 @@ inline void set(const std::string& name, const std::string& value) {
   if (name == "onednn") s.onednn = parse_flag(value, what.c_str());
   if (name == "streaming_bytes") s.streaming_bytes = parse_count(value, what.c_str(), 0, false);
   if (name == "chunk_rows") s.chunk_rows = parse_count(value, what.c_str(), 1, true);
+  if (name == "bf16_gemm") s.bf16_gemm = parse_flag(value, what.c_str());
 }
 
 }  // namespace options

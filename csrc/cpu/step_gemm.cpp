@@ -2,12 +2,14 @@
 // a route the caller names, so tests can reach every kernel this CPU has, and each kernel's
 // remainder paths (row blocks, partial strips, K blocks), without a layer around it; also
 // the few-row kernels of an unpacked weight (gemm.h: "small_nt", "small_nn") and of the
-// weight gradients ("small_tn"), and the weight gradients' oneDNN route ("onednn_tn").
+// weight gradients ("small_tn"), the weight gradients' oneDNN route ("onednn_tn"), and the
+// bfloat16 input projection's kernel ("bf16": a and w bfloat16, c float32; packed_gemm_bf16.h).
 #include <torch/library.h>
 
 #include <limits>
 
 #include "gemm.h"
+#include "packed_gemm_bf16.h"
 
 namespace rnnext {
 namespace cpu {
@@ -67,6 +69,18 @@ at::Tensor step_gemm(const at::Tensor& a, const at::Tensor& w, const at::Tensor&
                                 out.data_ptr<scalar_t>(), ldc, bytes);
       }
     });
+    return out;
+  }
+  if (name == "bf16") {
+    // as Bf16StepWeight packs and multiplies (W contiguous), on a CPU with AVX512-BF16
+    TORCH_CHECK(a.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16 && c.scalar_type() == at::kFloat,
+                "rnnext::_step_gemm: route bf16 takes bfloat16 a and w, and a float32 c");
+    TORCH_CHECK(!accumulate, "rnnext::_step_gemm: route bf16 does not accumulate");
+    TORCH_CHECK_VALUE(packed_gemm::cpu_has_bf16_dot(), "rnnext::_step_gemm: route='bf16': this CPU has no AVX512-BF16");
+    const Bf16StepWeight packed(w.contiguous());
+    const at::Tensor bias_c = bias.has_value() ? bias->contiguous() : at::Tensor();
+    packed.multiply_bias(m, a.data_ptr<at::BFloat16>(), lda, bias_c.defined() ? bias_c.data_ptr<float>() : nullptr,
+                         out.data_ptr<float>(), ldc);
     return out;
   }
   TORCH_CHECK(a.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat && c.scalar_type() == at::kFloat,
