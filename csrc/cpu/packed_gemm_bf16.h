@@ -60,7 +60,9 @@ inline int64_t packed_size_bf16(int64_t n, int64_t k) { return (n + kNr - 1) / k
 
 // Packs W [n, k] (row j at w + j * ld, its k values contiguous; with group_rows > 0 the rows
 // come in groups of group_rows, group g at w + g * group_stride, as pack() reads a unit
-// block's rows of every gate) into `out` [packed_size_bf16(n, k)]. Strips split across threads.
+// block's rows of every gate) into `out` [packed_size_bf16(n, k)]. Strips split across
+// threads. A strip's pairs are its 16 rows' 32-bit words transposed: a full strip goes 16
+// pairs at a time through transpose_16x16 (as 32-bit values), the rest value by value.
 inline void pack_bf16(const uint16_t* w, int64_t n, int64_t k, int64_t ld, uint16_t* out, int64_t group_rows = 0,
                       int64_t group_stride = 0) {
   const int64_t n_pad = (n + kNr - 1) / kNr * kNr, pairs = (k + 1) / 2, strip_size = pairs * 2 * kNr;
@@ -71,10 +73,20 @@ inline void pack_bf16(const uint16_t* w, int64_t n, int64_t k, int64_t ld, uint1
     for (int64_t s = s0; s < s1; ++s) {
       uint16_t* strip = out + s * strip_size;
       const int64_t j0 = s * kNr, cols = std::min(kNr, n - j0);
-      std::memset(strip, 0, sizeof(uint16_t) * strip_size);
+      int64_t done = 0;  // pairs already packed, for every row of the strip
+#if RNNEXT_HAVE_BF16_GEMM
+      if (cols == kNr && cpu_has_bf16_dot()) {
+        const float* words[kNr];
+        for (int64_t jj = 0; jj < kNr; ++jj) words[jj] = reinterpret_cast<const float*>(row(j0 + jj));
+        for (; 2 * (done + 16) <= k; done += 16) {
+          transpose_16x16(words, done, reinterpret_cast<float*>(strip + done * 2 * kNr));
+        }
+      }
+#endif
+      std::memset(strip + done * 2 * kNr, 0, sizeof(uint16_t) * (strip_size - done * 2 * kNr));
       for (int64_t jj = 0; jj < cols; ++jj) {
         const uint16_t* src = row(j0 + jj);
-        for (int64_t p = 0; p < k; ++p) strip[(p / 2) * 2 * kNr + jj * 2 + (p & 1)] = src[p];
+        for (int64_t p = 2 * done; p < k; ++p) strip[(p / 2) * 2 * kNr + jj * 2 + (p & 1)] = src[p];
       }
     }
   });
