@@ -10,9 +10,10 @@
 * bfloat16 layers, padded and packed, both directions, with the input projection fused into
   the step loop (B=32, two unit blocks) and per chunk (B=5): the route is taken (the profiler
   sees its weights packed; the float32 training workspace differs in its last bits from the
-  float32 route's, rnnext._C.cpu_option "bf16_gemm" off) and the results are as close to the float64 oracle as test_half.py asks
-  of every half-precision layer (within parity.half_allowance of torch.nn's error). One- and
-  two-step calls keep the float32 route (same bits either way).
+  float32 route's, rnnext._C.cpu_option "bf16_gemm" off) and the results are as close to
+  the float64 oracle as test_half.py asks of every half-precision layer (within
+  parity.half_allowance of torch.nn's error). One- and two-step calls keep the float32 route
+  (same bits either way).
 
 CPU only; skipped, with the reason, on CPUs without AVX512-BF16 (absent hardware).
 """

@@ -755,9 +755,10 @@ struct CpuLoop {
       return layer_forward<Cell>(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse, need_backward);
     }
     check_forward_args<Cell>(kCpuBackend, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes);
-    // bfloat16: x and W_ih as they are too, for the input projection's bfloat16 dot products.
+    // bfloat16: x and W_ih as they are too, for the input projection's bfloat16 dot products
+    // (where Bf16StepWeight::takes it).
     std::optional<Bf16Inputs> bf16;
-    if (x.scalar_type() == at::kBFloat16 && options::bf16_gemm() && packed_gemm::cpu_has_bf16_dot()) {
+    if (x.scalar_type() == at::kBFloat16) {
       bf16 = Bf16Inputs{x.contiguous().reshape({-1, x.size(-1)}), w_ih.contiguous()};
     }
     auto out = layer_forward<Cell>(widen(x), widen(h0), widen(c0), widen(w_ih), widen(w_hh), widen(b_ih),
