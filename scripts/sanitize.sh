@@ -25,7 +25,7 @@ fi
 # the ops' argument checks and layouts, cells, gradients, non-finite values, threads.
 tests=(tests/test_cpu_gemm.py tests/test_parity.py tests/test_packed.py tests/test_blocked_paths.py
        tests/test_cells.py tests/test_errors.py tests/test_gradcheck.py tests/test_robustness.py
-       tests/test_inference_path.py tests/test_options.py)
+       tests/test_inference_path.py tests/test_options.py tests/test_cpu_bf16_gemm.py)
 # Resident memory under AddressSanitizer's quarantine grows by design: the leak test is left out.
 deselect=(--deselect tests/test_robustness.py::test_no_memory_growth_over_10000_calls)
 export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1

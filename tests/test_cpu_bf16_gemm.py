@@ -29,23 +29,26 @@ from helpers import (BF16, CELLS, F64, OP_CELLS, assert_half_within, cpu_option,
 
 ROWS = list(range(1, 21)) + [25, 35, 64]
 COLS = (1, 15, 16, 17, 33, 47, 48, 49, 64, 100, 191)
-DEPTHS = (1, 2, 3, 40, 257, 600)
+DEPTHS = (0, 1, 2, 3, 40, 257, 600)
 
 
 def require_bf16_gemm() -> None:
     try:
         torch.ops.rnnext._step_gemm(torch.ones(1, 1, dtype=BF16), torch.ones(1, 1, dtype=BF16), torch.zeros(1, 1),
                                     "bf16", False)
-    except ValueError:
-        pytest.skip("this CPU has no AVX512-BF16 (absent hardware)")
+    except ValueError as e:  # the message says which: this CPU lacks it (absent hardware), or the build
+        pytest.skip(str(e).splitlines()[0])
 
 
 @pytest.fixture(autouse=True)
-def two_threads():
+def two_threads_route_on():
+    """Two threads (so B=32 splits into two unit blocks on any machine) and the route on
+    whatever RNNEXT_BF16_GEMM the process was started with."""
     require_bf16_gemm()
     before = torch.get_num_threads()
     torch.set_num_threads(2)
-    yield
+    with cpu_option("bf16_gemm", "1"), cpu_option("own_gemm", "auto"):
+        yield
     torch.set_num_threads(before)
 
 
@@ -69,8 +72,9 @@ def reference(a, w, bias):
 def test_kernel_matches_float64():
     for m, n, k in itertools.product(ROWS, COLS, DEPTHS):
         a, w, bias = operands(m, n, k, seed=m * 1000 + n * 10 + k)
+        c = torch.randn(m, n)  # not added: the route computes C afresh
         for b in (None, bias):
-            got = torch.ops.rnnext._step_gemm(a, w, torch.zeros(m, n), "bf16", False, b)
+            got = torch.ops.rnnext._step_gemm(a, w, c, "bf16", False, b)
             assert got.dtype == torch.float32
             padding = torch.empty(0).set_(got.untyped_storage(), 0, (m, n + 5), (n + 5, 1))[:, n:]
             assert bool(padding.isnan().all()), f"m={m} n={n} k={k}: wrote past column n"
@@ -111,8 +115,11 @@ def test_kernel_checks_its_arguments():
 
 # ============================================================================ layers
 # (batch, hidden): B=32, H=128 splits every cell's step loop into two unit blocks with the
-# input product fused into it; B=5 projects per chunk of steps. I=41: an odd k.
-SHAPES = {"fused": (32, 128), "chunked": (5, 24)}
+# input product fused into it (a bfloat16 W_ih packed per block); B=5 projects per chunk of
+# steps (one W_ih packed); B=16, H=64 too, with the first step's recurrent product beside the
+# chunk's projection (layer_loop.h, overlap_first_step). I=41: an odd k.
+SHAPES = {"fused": (32, 128), "chunked": (5, 24), "overlapped": (16, 64)}
+PACKS = {"fused": 2, "chunked": 1, "overlapped": 1}
 IN, STEPS = 41, 6
 LAYER_CASES = list(itertools.product(OP_CELLS, SHAPES, (False, True), (False, True)))
 
@@ -130,7 +137,7 @@ def test_layer_op_takes_the_bf16_route(cell, shape, reverse, packed):
     args = op_args(cell, dtype=BF16, reverse=reverse, requires_grad=False, batch_sizes=batch_sizes, steps=STEPS,
                    batch=batch, input_size=IN, hidden_size=hidden)
     on, packs = packs_of(lambda: forward_op(cell)(*args, True))
-    assert packs >= 1, "the bfloat16 route did not run"
+    assert packs == PACKS[shape], "the bfloat16 route did not run as planned"
     with cpu_option("bf16_gemm", "0"):
         off, packs = packs_of(lambda: forward_op(cell)(*args, True))
     assert packs == 0
@@ -142,6 +149,31 @@ def test_layer_op_takes_the_bf16_route(cell, shape, reverse, packed):
     for a, b in zip(on[:-1], off[:-1]):
         if a.numel():
             assert bool(((a.float() - b.float()).abs() <= 2 ** -7 * b.float().abs().clamp(min=1)).all())
+
+
+def test_chunks_after_the_first():
+    """Chunks of 7 rows (rnnext._C.cpu_option "chunk_rows"), so most start past row 0 of x:
+    the same bits as one chunk, since each row's sum does not depend on the chunking."""
+    args = op_args("gru", dtype=BF16, requires_grad=False, steps=STEPS, batch=5, input_size=IN, hidden_size=24)
+    whole = forward_op("gru")(*args, True)
+    with cpu_option("chunk_rows", "7"):
+        chunked, packs = packs_of(lambda: forward_op("gru")(*args, True))
+    assert packs == 1
+    assert all(torch.equal(a, b) for a, b in zip(whole, chunked))
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("cell", OP_CELLS)
+def test_input_size_zero(cell, packed):
+    """I = 0 (the ops take it; torch.nn's modules do not): gi is the bias alone, the same bits
+    with the route on or off."""
+    args = op_args(cell, dtype=BF16, requires_grad=False, steps=5, batch=4, input_size=0, hidden_size=8,
+                   batch_sizes=[4, 4, 3, 2, 1] if packed else None)
+    on, packs = packs_of(lambda: forward_op(cell)(*args, True))
+    assert packs == 1
+    with cpu_option("bf16_gemm", "0"):
+        off = forward_op(cell)(*args, True)
+    assert all(torch.equal(a, b) for a, b in zip(on, off))
 
 
 def packs_of(fn):

@@ -759,7 +759,8 @@ struct CpuLoop {
     // (where Bf16StepWeight::takes it).
     std::optional<Bf16Inputs> bf16;
     if (x.scalar_type() == at::kBFloat16) {
-      bf16 = Bf16Inputs{x.contiguous().reshape({-1, x.size(-1)}), w_ih.contiguous()};
+      const Tensor rows = x.dim() == 3 ? x.contiguous().view({x.size(0) * x.size(1), x.size(2)}) : x.contiguous();
+      bf16 = Bf16Inputs{rows, w_ih.contiguous()};
     }
     auto out = layer_forward<Cell>(widen(x), widen(h0), widen(c0), widen(w_ih), widen(w_hh), widen(b_ih),
                                    widen(b_hh), widen(w_hr), batch_sizes, reverse, need_backward, bf16);

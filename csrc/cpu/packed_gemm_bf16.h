@@ -66,6 +66,7 @@ inline int64_t packed_size_bf16(int64_t n, int64_t k) { return (n + kNr - 1) / k
 inline void pack_bf16(const uint16_t* w, int64_t n, int64_t k, int64_t ld, uint16_t* out, int64_t group_rows = 0,
                       int64_t group_stride = 0) {
   const int64_t n_pad = (n + kNr - 1) / kNr * kNr, pairs = (k + 1) / 2, strip_size = pairs * 2 * kNr;
+  if (strip_size == 0) return;  // k = 0: nothing to pack (and `out` may be null)
   auto row = [&](int64_t j) {
     return group_rows > 0 ? w + (j / group_rows) * group_stride + (j % group_rows) * ld : w + j * ld;
   };
@@ -204,6 +205,16 @@ inline void multiply_bf16(int64_t m, int64_t n, int64_t k, const uint16_t* a, in
 #if RNNEXT_HAVE_BF16_GEMM
   TORCH_CHECK(cpu_has_bf16_dot(), "rnnext: the bfloat16 GEMM needs AVX512-BF16, which this CPU lacks");
   if (m == 0 || n == 0) return;
+  if (k == 0) {  // C = bias, or zeros (A and the packed W are empty)
+    for (int64_t i = 0; i < m; ++i) {
+      if (bias) {
+        std::memcpy(c + i * ldc, bias, sizeof(float) * n);
+      } else {
+        std::memset(c + i * ldc, 0, sizeof(float) * n);
+      }
+    }
+    return;
+  }
   const int64_t strips = (n + kNr - 1) / kNr;
   // ~2^18 multiply-adds per task (twice the float32 kernel's: twice as fast), whole groups.
   int64_t grain = std::max<int64_t>(1, (int64_t(1) << 18) / std::max<int64_t>(1, m * k * kNr));
@@ -226,10 +237,12 @@ inline void multiply_bf16(int64_t m, int64_t n, int64_t k, const uint16_t* a, in
 class Bf16StepWeight {
  public:
   // Whether a bfloat16 layer's input projection over `uses` steps takes it: this CPU has the
-  // bfloat16 dot product, the bf16_gemm option is on, and the weight would be packed at all
-  // (StepWeight::kMinUsesToPack; a one- or two-step call keeps the float32 routes).
+  // bfloat16 dot product, the bf16_gemm option is on, rnnext's own GEMMs are (own_gemm is not
+  // blas), and the weight would be packed at all (StepWeight::kMinUsesToPack; a one- or
+  // two-step call keeps the float32 routes).
   static bool takes(int64_t uses, int64_t min_uses) {
-    return uses >= min_uses && options::bf16_gemm() && packed_gemm::cpu_has_bf16_dot();
+    return uses >= min_uses && options::bf16_gemm() && options::own_gemm() != packed_gemm::Kernel::kNone &&
+           packed_gemm::cpu_has_bf16_dot();
   }
 
   // Rows [row0, row0 + n) of each of `groups` groups of group_rows rows of w (bfloat16,
@@ -242,6 +255,7 @@ class Bf16StepWeight {
     RECORD_FUNCTION("rnnext::bf16_pack", std::vector<c10::IValue>());
     if (group_rows < 0) group_rows = w.size(0);
     if (n < 0) n = group_rows;
+    TORCH_INTERNAL_ASSERT(groups * group_rows == w.size(0) && row0 >= 0 && n >= 0 && row0 + n <= group_rows);
     n_ = groups * n;
     k_ = w.size(1);
     packed_ = pooled_empty({packed_gemm::packed_size_bf16(n_, k_)}, w.options());

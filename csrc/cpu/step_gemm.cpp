@@ -76,6 +76,8 @@ at::Tensor step_gemm(const at::Tensor& a, const at::Tensor& w, const at::Tensor&
     TORCH_CHECK(a.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16 && c.scalar_type() == at::kFloat,
                 "rnnext::_step_gemm: route bf16 takes bfloat16 a and w, and a float32 c");
     TORCH_CHECK(!accumulate, "rnnext::_step_gemm: route bf16 does not accumulate");
+    TORCH_CHECK_VALUE(RNNEXT_HAVE_BF16_GEMM,
+                      "rnnext::_step_gemm: route='bf16': not built (it needs x86-64 and GCC >= 10 or clang)");
     TORCH_CHECK_VALUE(packed_gemm::cpu_has_bf16_dot(), "rnnext::_step_gemm: route='bf16': this CPU has no AVX512-BF16");
     const Bf16StepWeight packed(w.contiguous());
     const at::Tensor bias_c = bias.has_value() ? bias->contiguous() : at::Tensor();
