@@ -91,6 +91,17 @@ inline Kernel parse_kernel(const std::string& name, const char* what) {
   return k;
 }
 
+// C[m, n] = the bias in every row, or zeros (a product with k = 0).
+inline void fill_bias_rows(int64_t m, int64_t n, const float* bias, float* c, int64_t ldc) {
+  for (int64_t i = 0; i < m; ++i) {
+    if (bias) {
+      std::memcpy(c + i * ldc, bias, sizeof(float) * n);
+    } else {
+      std::memset(c + i * ldc, 0, sizeof(float) * n);
+    }
+  }
+}
+
 // Floats of the packed form of a [n, k] weight.
 inline int64_t packed_size(int64_t n, int64_t k) { return (n + kNr - 1) / kNr * kNr * k; }
 
@@ -286,6 +297,36 @@ RNNEXT_AVX2 inline void multiply_strips(int64_t m, int64_t n, int64_t k, const f
   }
 }
 
+// acc = 0: an AVX-512 tile of R x NV accumulators.
+template <int R, int NV>
+RNNEXT_AVX512 __attribute__((always_inline)) inline void zero_tile_512(__m512 (&acc)[R][NV]) {
+#pragma GCC unroll 9
+  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
+  }
+}
+
+// C[R, up to 16 NV] = (add ? C : bias ? bias : 0) + acc: an AVX-512 tile stored (bias: the
+// columns' values, added to every row, or nullptr); lanes of the last vector past last_mask
+// are neither read nor written.
+template <int R, int NV>
+RNNEXT_AVX512 __attribute__((always_inline)) inline void store_tile_512(__m512 (&acc)[R][NV], float* c, int64_t ldc,
+                                                                      bool add, const float* bias,
+                                                                      __mmask16 last_mask) {
+#pragma GCC unroll 9
+  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) {
+      float* cr = c + r * ldc + v * kNr;
+      const __mmask16 mask = v == NV - 1 ? last_mask : __mmask16(0xFFFF);
+      const float* base = add ? cr : bias ? bias + v * kNr : nullptr;
+      if (base) acc[r][v] = _mm512_add_ps(_mm512_maskz_loadu_ps(mask, base), acc[r][v]);
+      _mm512_mask_storeu_ps(cr, mask, acc[r][v]);
+    }
+  }
+}
+
 // AVX-512: C[R, up to 16 NV] = (add ? C : bias ? bias : 0) + A[R, kc] @ NV adjacent strips
 // (strip v at strip + v * kc * kNr; bias: the columns' values, added to every row, or
 // nullptr); lanes of the last vector past `last_mask` are neither read nor written (a
@@ -298,11 +339,7 @@ RNNEXT_AVX512 __attribute__((always_inline)) inline void micro_kernel_512(int64_
                                                                         const float* prefetch) {
   static_assert(R >= 1 && R * NV <= 28, "a tile of at most 28 accumulators");
   __m512 acc[R][NV];
-#pragma GCC unroll 9
-  for (int r = 0; r < R; ++r) {
-#pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
-  }
+  zero_tile_512<R, NV>(acc);
   const int64_t strip_stride = kc * kNr;
   for (int64_t p = 0; p < kc; ++p) {
     if (prefetch) {
@@ -321,17 +358,7 @@ RNNEXT_AVX512 __attribute__((always_inline)) inline void micro_kernel_512(int64_
       for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(av, b[v], acc[r][v]);
     }
   }
-#pragma GCC unroll 9
-  for (int r = 0; r < R; ++r) {
-#pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) {
-      float* cr = c + r * ldc + v * kNr;
-      const __mmask16 mask = v == NV - 1 ? last_mask : __mmask16(0xFFFF);
-      const float* base = add ? cr : bias ? bias + v * kNr : nullptr;
-      if (base) acc[r][v] = _mm512_add_ps(_mm512_maskz_loadu_ps(mask, base), acc[r][v]);
-      _mm512_mask_storeu_ps(cr, mask, acc[r][v]);
-    }
-  }
+  store_tile_512<R, NV>(acc, c, ldc, add, bias, last_mask);
 }
 
 // The AVX-512 tile: kGroup512 strips (48 columns) by up to kMr512 rows, 27 accumulators
@@ -431,13 +458,7 @@ inline void multiply(Kernel kernel, int64_t m, int64_t n, int64_t k, const float
   if (m == 0 || n == 0) return;
   TORCH_CHECK(!(accumulate && bias), "rnnext: the packed GEMM takes a bias or accumulates, not both");
   if (k == 0) {
-    for (int64_t i = 0; i < m && !accumulate; ++i) {
-      if (bias) {
-        std::memcpy(c + i * ldc, bias, sizeof(float) * n);
-      } else {
-        std::memset(c + i * ldc, 0, sizeof(float) * n);
-      }
-    }
+    if (!accumulate) fill_bias_rows(m, n, bias, c, ldc);
     return;
   }
   const int64_t strips = (n + kNr - 1) / kNr;

@@ -119,11 +119,7 @@ RNNEXT_AVX512_BF16 __attribute__((always_inline)) inline void micro_kernel_bf16(
     const float* bias, __mmask16 last_mask) {
   static_assert(R >= 1 && R * NV <= 28, "a tile of at most 28 accumulators");
   __m512 acc[R][NV];
-#pragma GCC unroll 9
-  for (int r = 0; r < R; ++r) {
-#pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
-  }
+  zero_tile_512<R, NV>(acc);
   const int64_t full_pairs = k / 2;
   int32_t pair[R];
   for (int64_t q = 0; q < full_pairs; ++q) {
@@ -137,16 +133,7 @@ RNNEXT_AVX512_BF16 __attribute__((always_inline)) inline void micro_kernel_bf16(
     for (int r = 0; r < R; ++r) pair[r] = a[r * lda + k - 1];
     dot_pair_bf16<R, NV>(acc, strip, strip_size, full_pairs, pair);
   }
-#pragma GCC unroll 9
-  for (int r = 0; r < R; ++r) {
-#pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) {
-      float* cr = c + r * ldc + v * kNr;
-      const __mmask16 mask = v == NV - 1 ? last_mask : __mmask16(0xFFFF);
-      if (bias) acc[r][v] = _mm512_add_ps(_mm512_maskz_loadu_ps(mask, bias + v * kNr), acc[r][v]);
-      _mm512_mask_storeu_ps(cr, mask, acc[r][v]);
-    }
-  }
+  store_tile_512<R, NV>(acc, c, ldc, /*add=*/false, bias, last_mask);
 }
 
 // Rows [0, m) of a group of NV strips (columns j0 on), in row blocks as even as possible of
@@ -205,14 +192,8 @@ inline void multiply_bf16(int64_t m, int64_t n, int64_t k, const uint16_t* a, in
 #if RNNEXT_HAVE_BF16_GEMM
   TORCH_CHECK(cpu_has_bf16_dot(), "rnnext: the bfloat16 GEMM needs AVX512-BF16, which this CPU lacks");
   if (m == 0 || n == 0) return;
-  if (k == 0) {  // C = bias, or zeros (A and the packed W are empty)
-    for (int64_t i = 0; i < m; ++i) {
-      if (bias) {
-        std::memcpy(c + i * ldc, bias, sizeof(float) * n);
-      } else {
-        std::memset(c + i * ldc, 0, sizeof(float) * n);
-      }
-    }
+  if (k == 0) {  // (A and the packed W are empty)
+    fill_bias_rows(m, n, bias, c, ldc);
     return;
   }
   const int64_t strips = (n + kNr - 1) / kNr;
