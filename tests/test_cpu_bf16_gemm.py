@@ -197,10 +197,11 @@ def test_one_and_two_step_calls_keep_the_float32_route():
         assert all(torch.equal(a, b) for a, b in zip(on, off))
 
 
-# Not RNN_RELU at the fused size: two bidirectional ReLU layers of 128 units amplify bfloat16
-# rounding so that rnnext's and torch.nn's errors are both ~15 % of the scale there, with the
-# route on or off alike (measured), and which is larger is chance.
-MODULE_CASES = [(c, s) for c, s in itertools.product(CELLS, SHAPES) if (c, s) != ("RNN_RELU", "fused")]
+# RNN_RELU at the chunked size only: two bidirectional ReLU layers of 64 or 128 units amplify
+# bfloat16 rounding so that rnnext's and torch.nn's errors are both 10-20 % of the scale, and
+# which is larger is chance: measured with the route on and off alike (H=128 fails either way;
+# H=64 passes on torch 2.13 and fails on 2.4.1 either way). Its route is tested above.
+MODULE_CASES = [(c, s) for c, s in itertools.product(CELLS, SHAPES) if c != "RNN_RELU" or s == "chunked"]
 
 
 @pytest.mark.parametrize("cell,shape", MODULE_CASES, ids=[f"{c}-{s}" for c, s in MODULE_CASES])
